@@ -1,0 +1,19 @@
+# The two commands of the README. Each builds (or reuses) the pinned environment first.
+#   make run    set up, then run the series' main job on the embedded default (results/REPORT.md)
+#   make test   set up, then run every test: unit tests of scripts/ and all notebooks through nbval
+# Pass options through ARGS, e.g.  make run ARGS="--only 00b"   or   make test ARGS="-k validation".
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+.PHONY: run test env
+
+env:
+	@scripts/setup_env.sh main >/dev/null
+
+run:
+	@env_dir=$$(scripts/setup_env.sh main); "$$env_dir/bin/python" scripts/run_series.py $(ARGS)
+
+test:
+	@env_dir=$$(scripts/setup_env.sh main); start=$$SECONDS; \
+	"$$env_dir/bin/python" -m pytest $(ARGS); \
+	echo "[test] whole test command: $$((SECONDS - start)) s after setup"

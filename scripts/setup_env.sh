@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Create (or reuse) one of the cookbook's Python environments and print its path on the last line.
+#
+#   scripts/setup_env.sh [main]        the series' main environment, from requirements.txt
+#
+# Environments live outside the clone, in $COOKBOOK_CACHE (default ~/.cache/llm-finetuning-cookbook),
+# keyed by a hash of their pinned requirements file and the Python version: an unchanged file reuses
+# the environment in seconds, a changed one builds a fresh environment beside the old one. The
+# .complete marker is written last, so an interrupted build is never reused.
+set -euo pipefail
+
+name="${1:-main}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${COOKBOOK_CACHE:-$HOME/.cache/llm-finetuning-cookbook}"
+python="${COOKBOOK_PYTHON:-python3.11}"
+
+case "$name" in
+  main) reqs="$root/requirements.txt" ;;
+  *) echo "setup_env.sh: unknown environment '$name' (known: main)" >&2; exit 2 ;;
+esac
+
+key="$( (cat "$reqs"; "$python" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)"
+env_dir="$cache/envs/$name-$key"
+
+if [ -f "$env_dir/.complete" ]; then
+  echo "[setup] reusing the $name environment $env_dir" >&2
+  echo "$env_dir"
+  exit 0
+fi
+
+echo "[setup] building the $name environment from $(basename "$reqs") into $env_dir" >&2
+# A folder without the .complete marker is a build that was interrupted: start it again.
+rm -rf "$env_dir"
+mkdir -p "$cache/envs"
+start=$SECONDS
+"$python" -m venv "$env_dir"
+# --no-deps: the file is a complete, tested lock. Letting pip resolve would pull the packages we
+# deliberately keep out (a CUDA torchvision, triton, xformers) through Unsloth's requirements.
+# (The grep drops pip's notice for each package the machine's local index mirror lacks: noise, not errors.)
+"$env_dir/bin/python" -m pip install --quiet --no-deps --no-compile -r "$reqs" 2>&1 \
+  | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
+"$env_dir/bin/python" "$root/scripts/check_env.py" >&2
+touch "$env_dir/.complete"
+echo "[setup] the $name environment is ready after $((SECONDS - start)) s" >&2
+echo "$env_dir"

