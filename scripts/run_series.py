@@ -18,8 +18,6 @@ import sys
 import time
 
 import nbformat
-from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -27,6 +25,8 @@ import cookbook as cb  # noqa: E402
 
 EXECUTED = cb.RESULTS_DIR / "executed"
 STATUS = EXECUTED / "status.json"
+REPORT_COLUMNS = ["notebook", "technique", "task", "score_before", "score", "trainable_params", "wall_s", "s_per_step",
+                  "tokens_per_s", "peak_rss_mb", "peak_gpu_mb"]
 
 
 def notebooks(part: str | None, only: str | None) -> list[pathlib.Path]:
@@ -44,19 +44,8 @@ def digest(path: pathlib.Path) -> str:
 
 def execute(path: pathlib.Path, timeout: int) -> tuple[bool, float, str]:
     """Run one notebook in a fresh kernel, cell by cell with a progress bar; save the executed copy."""
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
-    start, error = time.perf_counter(), ""
-    code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    with client.setup_kernel():
-        for index in tqdm(code_cells, desc=path.stem, unit="cell", leave=False):
-            if "NBVAL_SKIP" in nb.cells[index].source:
-                continue  # the Colab bootstrap: nothing to do outside Colab
-            try:
-                client.execute_cell(nb.cells[index], index)
-            except CellExecutionError as e:
-                error = str(e).splitlines()[-1] if str(e) else type(e).__name__
-                break
+    start = time.perf_counter()
+    nb, error = cb.run_notebook(path, timeout=timeout)
     out = EXECUTED / path.parent.name / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(out))
@@ -74,11 +63,11 @@ def write_report(status: dict) -> pathlib.Path:
     lines.append(f"| **total** | | **{sum(st['wall_s'] for st in status.values()):.0f}** |")
     rows = cb.load_results(profile)
     if rows:
-        keys = ["notebook", "technique", "task", "score"]
-        extra = sorted({k for r in rows for k in r} - set(keys) - {"model"})
-        lines += ["", "## Results", "", "| " + " | ".join(keys + extra) + " |", "|" + "---|" * len(keys + extra)]
+        keys = [k for k in REPORT_COLUMNS if any(k in r for r in rows)]
+        lines += ["", "## Results", "", "Full entries (every recorded field) are in `results/<profile>/*.json`.", "",
+                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for r in rows:
-            cells = [r.get(k, "") for k in keys + extra]
+            cells = [r.get(k, "") for k in keys]
             lines.append("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells) + " |")
     path = cb.RESULTS_DIR / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")

@@ -325,3 +325,103 @@ def test_record_result_upserts_and_keeps_other_entries(tmp_path, monkeypatch):
     assert len(rows) == 3 and (tmp_path / "cpu" / "01_sft.json").exists()
     with pytest.raises(TypeError, match="plain numbers or strings"):
         cb.record_result("01_sft", "lora", curve=[1, 2])
+
+
+def test_results_table_selects_notebooks_and_columns(tmp_path, monkeypatch):
+    monkeypatch.setattr(cb, "RESULTS_DIR", tmp_path)
+    monkeypatch.setenv(cb.PROFILE_ENV, "cpu")
+    cb.record_result("01_sft", "lora", score=0.5, wall_s=10.0)
+    cb.record_result("02_full", "full", score=0.7, wall_s=20.0)
+    table = cb.results_table(["02_full"], ["technique", "score", "not_recorded"])
+    assert list(table.columns) == ["technique", "score"] and table.to_dict("records") == [{"technique": "full", "score": 0.7}]
+
+
+# ---------------------------------------------------------------- training helpers
+def test_profiles_hold_one_set_of_training_hyperparameters():
+    for profile in cb.PROFILES.values():
+        assert profile.effective_batch_size == profile.per_device_train_batch_size * profile.gradient_accumulation_steps
+        assert profile.gradient_accumulation_steps > 1, "the series demonstrates gradient accumulation"
+        assert profile.full_learning_rate < profile.learning_rate and 0 < profile.warmup_steps < profile.max_steps
+        assert profile.max_steps % profile.eval_steps == 0 and profile.max_steps // profile.eval_steps >= 3
+
+
+def test_to_prompt_completion_splits_off_the_answer():
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert cb.to_prompt_completion(chat, "messages") == {"prompt": chat["messages"][:1], "completion": chat["messages"][1:]}
+    alpaca = {"instruction": "Do it.", "input": "text", "output": "{}"}
+    assert cb.to_prompt_completion(alpaca, "alpaca") == {
+        "prompt": [{"role": "user", "content": "Do it.\n\ntext"}], "completion": [{"role": "assistant", "content": "{}"}]}
+
+
+def test_train_losses_reads_a_trainer_log_history():
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 2, "eval_loss": 1.5},
+               {"step": 2, "train_runtime": 3.0}]
+    assert cb.train_losses(history) == ([1, 2], [2.0, 1.0], [2], [1.5])
+
+
+def test_run_dir_starts_clean_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cb, "ROOT", tmp_path)
+    first = cb.run_dir("01_x")
+    (first / "old.bin").write_text("x")
+    assert capsys.readouterr().out == ""
+    again = cb.run_dir("01_x")
+    assert again == first and not (again / "old.bin").exists()
+    assert "removed the previous run's outputs in outputs/01_x/" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- artefacts
+def test_artefact_key_follows_the_producing_notebook(tmp_path, monkeypatch):
+    nb = tmp_path / "producer.ipynb"
+    make_notebook(nb, ["x = 1"])
+    monkeypatch.setitem(cb.ARTEFACTS, "toy", cb.Artefact("toy", str(nb), "a toy"))
+    key = cb.artefact_key("toy")
+    assert key == cb.artefact_key("toy") and key != cb.artefact_key("toy", cb.PROFILES["gpu"])
+    make_notebook(nb, ["x = 2"])
+    assert cb.artefact_key("toy") != key
+    assert cb.artefact_dir("toy").name == f"toy-{cb.artefact_key('toy')}"
+    with pytest.raises(KeyError, match="unknown artefact 'nope'"):
+        cb.artefact_dir("nope")
+
+
+def test_sealing_refuses_an_incomplete_sft_artefact(tmp_path, monkeypatch):
+    monkeypatch.setattr(cb, "CACHE_DIR", tmp_path)
+    cb.artefact_dir("sft_lora").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"lacks \['adapter', 'merged'\]"):
+        cb.seal_artefact("sft_lora")
+    for part in ("adapter", "merged"):
+        (cb.artefact_dir("sft_lora") / part).mkdir()
+    path = cb.seal_artefact("sft_lora", score=0.9)
+    assert json.loads((path / cb.ARTEFACT_MARKER).read_text())["score"] == 0.9
+
+
+def make_notebook(path, sources):
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+def test_artefact_is_reused_when_sealed_and_rebuilt_by_its_notebook_otherwise(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cb, "CACHE_DIR", tmp_path / "cache")
+    producer = tmp_path / "producer.ipynb"
+    monkeypatch.setitem(cb.ARTEFACTS, "toy", cb.Artefact("toy", str(producer), "a toy"))
+    # The producing notebook runs in its own kernel, so it registers the toy artefact itself before sealing it.
+    make_notebook(producer, ["# NBVAL_SKIP\nraise SystemExit('the Colab cell must be skipped')",
+                             f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import cookbook as cb\n"
+                             f"cb.CACHE_DIR = cb.pathlib.Path({str(tmp_path / 'cache')!r})\n"
+                             f"cb.ARTEFACTS['toy'] = cb.Artefact('toy', {str(producer)!r}, 'a toy')\n"
+                             "cb.artefact_dir('toy').mkdir(parents=True)\ncb.seal_artefact('toy', built_by='notebook')"])
+    path = cb.artefact("toy")
+    assert json.loads((path / cb.ARTEFACT_MARKER).read_text())["built_by"] == "notebook"
+    assert "not built yet for this recipe; running" in capsys.readouterr().out
+    assert cb.artefact("toy") == path and "reusing the build of" in capsys.readouterr().out
+
+
+def test_artefact_rebuild_failure_names_the_notebook_and_cell(tmp_path, monkeypatch):
+    monkeypatch.setattr(cb, "CACHE_DIR", tmp_path / "cache")
+    producer = tmp_path / "broken.ipynb"
+    make_notebook(producer, ["x = 1", "raise ValueError('bad data on line 3')"])
+    monkeypatch.setitem(cb.ARTEFACTS, "toy", cb.Artefact("toy", str(producer), "a toy"))
+    with pytest.raises(RuntimeError, match=r"broken.ipynb failed at cell 1: ValueError: bad data on line 3"):
+        cb.artefact("toy")
