@@ -677,11 +677,13 @@ class Artefact:
     name: str
     notebook: str       # the notebook that produces it, relative to the repo root
     holds: str
+    parts: tuple = ()   # sub-folders it must contain before it can be sealed
 
 
 ARTEFACTS = {a.name: a for a in (
     Artefact("sft_lora", "Part_1_Supervised_Finetuning_SFT/01_SFT_with_TRL_and_LoRA.ipynb",
-             "01's LoRA adapter on the dates task (adapter/) and the base model merged with it (merged/)"),
+             "01's LoRA adapter on the dates task (adapter/) and the base model merged with it (merged/)",
+             parts=("adapter", "merged")),
 )}
 ARTEFACT_MARKER = "artefact.json"
 
@@ -713,7 +715,7 @@ def artefact_dir(name: str, profile: Profile | None = None) -> pathlib.Path:
 def seal_artefact(name: str, **info) -> pathlib.Path:
     """Mark an artefact complete (the producing notebook's last save): later notebooks only trust sealed folders."""
     path = artefact_dir(name)
-    missing = [p for p in ("adapter", "merged") if name == "sft_lora" and not (path / p).is_dir()]
+    missing = [part for part in ARTEFACTS[name].parts if not (path / part).is_dir()]
     if missing:
         raise FileNotFoundError(f"{path} lacks {missing}: save them before sealing the artefact")
     record = {"name": name, "notebook": ARTEFACTS[name].notebook, "key": artefact_key(name),
