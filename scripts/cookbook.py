@@ -718,7 +718,7 @@ def seal_artefact(name: str, **info) -> pathlib.Path:
     missing = [part for part in ARTEFACTS[name].parts if not (path / part).is_dir()]
     if missing:
         raise FileNotFoundError(f"{path} lacks {missing}: save them before sealing the artefact")
-    record = {"name": name, "notebook": ARTEFACTS[name].notebook, "key": artefact_key(name),
+    record = {"name": name, "notebook": ARTEFACTS[name].notebook, "key": path.name.rsplit("-", 1)[-1],
               "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **info}
     (path / ARTEFACT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
     return path
