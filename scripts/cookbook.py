@@ -476,12 +476,32 @@ def score(task: str, predictions: list[str], references: list[str]) -> dict[str,
     raise ValueError(f"no scorer for task {task!r}; scored tasks: dates, preference, json_extraction, arithmetic")
 
 
+def preference_judge(records: list[dict]) -> dict[str, float]:
+    """The automatic judge of the preference task (Part 2): an answer is preferred when it is the chosen one,
+    INVALID for a date that does not exist and the bare ISO date otherwise. Returns the rate overall and
+    for each half, so a model that answers INVALID to everything cannot pass as aligned."""
+    impossible = [r for r in records if r["reference"] == "INVALID"]
+    real = [r for r in records if r["reference"] != "INVALID"]
+    if not impossible or not real:
+        raise ValueError(f"the judge needs both halves: {len(impossible)} impossible, {len(real)} real dates")
+    rate = lambda rows: sum(normalize(r["prediction"]) == r["reference"] for r in rows) / len(rows)
+    return {"preference_rate": rate(records), "says_INVALID_when_impossible": rate(impossible),
+            "correct_on_real_dates": rate(real)}
+
+
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 16,
              progress: bool = True) -> list[str]:
-    """Greedy answers to chat conversations, batched with left padding; returns the decoded new text only."""
+    """Greedy answers to chat conversations, batched with left padding; returns the decoded new text only.
+
+    Answers always come from eval mode, and the model is handed back in the mode it came in: right after
+    `trainer.train()` a model is in train mode, where dropout is on and gradient checkpointing turns the KV
+    cache off, and a left-padded batch generated there comes out as garbage.
+    """
     import torch
     from tqdm.auto import tqdm
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
     answers = []
     try:
         batches = range(0, len(conversations), batch_size)
@@ -495,6 +515,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
             answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
+        model.train(was_training)
     return [a.strip() for a in answers]
 
 

@@ -123,15 +123,24 @@ def invalid_dates(rng: random.Random) -> list[tuple[int, int, int]]:
 
 def preference_rows(valid: list[dt.date], invalid: list[tuple[int, int, int]], rng: random.Random) -> list[dict]:
     """Half the rows are dates that do not exist (chosen: INVALID, rejected: the naive conversion);
-    half are real dates (chosen: the ISO date, rejected: a chatty answer or day and month swapped)."""
+    half are real dates (chosen: the ISO date, rejected: day and month swapped, a chatty answer, or INVALID).
+    An impossible date's rejected answer is the naive conversion or the month's last day instead.
+    Real dates rejecting INVALID are what stop "always say INVALID" from being a winning shortcut.
+    The chatty/INVALID choice follows the day's ordinal, not `rng`, so the datasets built after this one
+    stay byte-identical to earlier releases."""
     rows = []
     for y, m, d in invalid:
         text = rng.choice(DATE_FORMATS)(y, m, d)
-        rows.append((date_prompt(text), "INVALID", f"{y}-{m:02d}-{d:02d}"))
+        # Two wrong answers a model really gives: the naive conversion, and a silent "repair" to the month's
+        # last day (what a DPO run learned when only the naive one was rejected).
+        wrong_day = d if y % 2 else calendar.monthrange(y, m)[1]
+        rows.append((date_prompt(text), "INVALID", f"{y}-{m:02d}-{wrong_day:02d}"))
     for day in valid:
         text = rng.choice(DATE_FORMATS)(day.year, day.month, day.day)
         if day.day <= 12 and day.day != day.month and rng.random() < 0.5:
             wrong = f"{day.year}-{day.day:02d}-{day.month:02d}"
+        elif day.toordinal() % 2:
+            wrong = "INVALID"
         else:
             wrong = f"Sure! The date {text} in ISO 8601 format is {day.isoformat()}."
         rows.append((date_prompt(text), day.isoformat(), wrong))

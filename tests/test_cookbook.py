@@ -60,6 +60,21 @@ def test_embedded_model_answers_paris(model_and_tokenizer):
     assert "Paris" in answer, answer
 
 
+def test_generate_answers_in_eval_mode_and_restores_train_mode(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    question = [[{"role": "user", "content": "What is the capital of France?"}]] * 2
+    model.eval()
+    expected = cb.generate(model, tokenizer, question, max_new_tokens=8, progress=False)
+    model.gradient_checkpointing_enable()  # what a Trainer leaves behind: train mode, no KV cache
+    model.train()
+    try:
+        assert cb.generate(model, tokenizer, question, max_new_tokens=8, progress=False) == expected
+        assert model.training, "generate must hand the model back in the mode it came in"
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+
+
 def test_embedded_folder_is_a_normal_trainable_checkpoint(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     path = cb.embedded_model_dir()
@@ -425,3 +440,14 @@ def test_artefact_rebuild_failure_names_the_notebook_and_cell(tmp_path, monkeypa
     monkeypatch.setitem(cb.ARTEFACTS, "toy", cb.Artefact("toy", str(producer), "a toy"))
     with pytest.raises(RuntimeError, match=r"broken.ipynb failed at cell 1: ValueError: bad data on line 3"):
         cb.artefact("toy")
+
+
+def test_preference_judge_reports_both_halves():
+    rows = [{"reference": "INVALID", "prediction": "INVALID"}, {"reference": "INVALID", "prediction": "2001-02-30"},
+            {"reference": "2001-05-01", "prediction": " 2001-05-01."}, {"reference": "2001-05-02", "prediction": "INVALID"}]
+    assert cb.preference_judge(rows) == {"preference_rate": 0.5, "says_INVALID_when_impossible": 0.5,
+                                         "correct_on_real_dates": 0.5}
+    always_invalid = [{**r, "prediction": "INVALID"} for r in rows]
+    assert cb.preference_judge(always_invalid)["correct_on_real_dates"] == 0.0
+    with pytest.raises(ValueError, match="both halves"):
+        cb.preference_judge(rows[:2])
