@@ -26,7 +26,7 @@ import cookbook as cb  # noqa: E402
 EXECUTED = cb.RESULTS_DIR / "executed"
 STATUS = EXECUTED / "status.json"
 REPORT_COLUMNS = ["notebook", "technique", "task", "score_before", "score", "trainable_params", "wall_s", "s_per_step",
-                  "tokens_per_s", "peak_rss_mb", "peak_gpu_mb"]
+                  "tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "preference_rate", "reward"]
 
 
 def notebooks(part: str | None, only: str | None) -> list[pathlib.Path]:
