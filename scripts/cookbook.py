@@ -484,7 +484,8 @@ def preference_judge(records: list[dict]) -> dict[str, float]:
     real = [r for r in records if r["reference"] != "INVALID"]
     if not impossible or not real:
         raise ValueError(f"the judge needs both halves: {len(impossible)} impossible, {len(real)} real dates")
-    rate = lambda rows: sum(normalize(r["prediction"]) == r["reference"] for r in rows) / len(rows)
+    def rate(rows):
+        return score("preference", [r["prediction"] for r in rows], [r["reference"] for r in rows])["score"]
     return {"preference_rate": rate(records), "says_INVALID_when_impossible": rate(impossible),
             "correct_on_real_dates": rate(real)}
 

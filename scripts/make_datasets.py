@@ -122,10 +122,9 @@ def invalid_dates(rng: random.Random) -> list[tuple[int, int, int]]:
 
 
 def preference_rows(valid: list[dt.date], invalid: list[tuple[int, int, int]], rng: random.Random) -> list[dict]:
-    """Half the rows are dates that do not exist (chosen: INVALID, rejected: the naive conversion);
-    half are real dates (chosen: the ISO date, rejected: day and month swapped, a chatty answer, or INVALID).
-    An impossible date's rejected answer is the naive conversion or the month's last day instead.
-    Real dates rejecting INVALID are what stop "always say INVALID" from being a winning shortcut.
+    """Half the rows are dates that do not exist (chosen: INVALID; rejected: the naive conversion, or the
+    month's last day); half are real dates (chosen: the ISO date; rejected: day and month swapped, a chatty
+    answer, or INVALID). Real dates rejecting INVALID are what stop "always say INVALID" from being a winning shortcut.
     The chatty/INVALID choice follows the day's ordinal, not `rng`, so the datasets built after this one
     stay byte-identical to earlier releases."""
     rows = []
