@@ -15,6 +15,7 @@ import datetime as dt
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import pathlib
 import platform
@@ -536,6 +537,31 @@ def evaluate(model, tokenizer, task: str, split: str = "test", limit: int | None
     return score(task, predictions, references), records
 
 
+def perplexity(model, tokenizer, texts: list[str], window: int = 256, batch_size: int = 8) -> dict[str, float]:
+    """The series' one perplexity yardstick: the texts joined by blank lines, tokenized once (no special tokens),
+    cut into fixed non-overlapping windows of `window` tokens (the last, shorter one dropped), each scored on its
+    own. Returns {'ppl', 'nll', 'tokens'}: exp of the mean next-token loss over every predicted token."""
+    import torch
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+    if not windows:
+        raise ValueError(f"the texts hold {len(ids)} tokens, fewer than one window of {window}")
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for start in range(0, len(windows), batch_size):
+            batch = torch.tensor(windows[start:start + batch_size], device=model.device)
+            with torch.no_grad():
+                logits = model(input_ids=batch).logits[:, :-1].float()
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                       reduction="sum").item()
+    finally:
+        model.train(was_training)
+    tokens = len(windows) * (window - 1)
+    return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
+
+
 # ====================================================================== measurement
 def _rss_bytes() -> int:
     import psutil
@@ -691,6 +717,68 @@ def run_notebook(path, timeout: int = 900, progress: bool = True):
                 error = f"cell {index}: " + (text.splitlines()[-1] if text else type(e).__name__)
                 break
     return nb, error
+
+
+# ====================================================================== tools in their own environments
+def tool_env(name: str) -> pathlib.Path:
+    """The folder of one of the series' own environments ("axolotl"): built by scripts/setup_env.sh on first
+    use (minutes, progress shown), reused in a second after. `make test` builds it with the same command."""
+    out = _stream(["bash", str(ROOT / "scripts" / "setup_env.sh"), name], env=os.environ.copy(), show=r"^\[setup\]")
+    return pathlib.Path(out.strip().splitlines()[-1])
+
+
+def _stream(cmd: list[str], env: dict, show: str | None = None, log=None, cwd=ROOT) -> str:
+    """Run `cmd`, printing the lines that match `show` (all when None) as they come; return the whole output."""
+    import shlex
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                          bufsize=1, errors="replace") as proc, \
+            (open(log, "w") if log else contextlib.nullcontext()) as log_file:
+        for raw in proc.stdout:
+            line = raw.rstrip("\n").split("\r")[-1]  # a progress bar redraws itself with \r: keep its last state
+            lines.append(line)
+            if log_file:
+                log_file.write(line + "\n")
+            if show is None or re.search(show, line):
+                print(line, flush=True)
+    if proc.returncode:
+        tail = "\n".join(lines[-25:])
+        where = f" (whole log: {log})" if log else ""
+        raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode}{where}; its last lines:\n{tail}")
+    return "\n".join(lines) + "\n"
+
+
+def run_cli(args: list[str], env_dir, log=None, show: str | None = None) -> str:
+    """Run a command-line tool installed in one of our environments, e.g. `run_cli(["axolotl", "train", cfg], env)`,
+    from the repository root (config paths are relative to it). Its output streams live (the lines matching the
+    regex `show`, all of them when None) and goes whole to `log`; telemetry is off, and so is the hub in an
+    offline profile. Returns the output; a failure raises with the command and its last lines."""
+    env_dir = pathlib.Path(env_dir)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(PATH=f"{env_dir / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(env_dir),
+               AXOLOTL_DO_NOT_TRACK="1", DO_NOT_TRACK="1", HF_HUB_DISABLE_TELEMETRY="1", WANDB_MODE="disabled",
+               PYTHONUNBUFFERED="1")
+    if get_profile().offline:
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if not (env_dir / "bin" / args[0]).exists():
+        raise FileNotFoundError(f"{args[0]} is not installed in {env_dir}")
+    if log:
+        pathlib.Path(log).parent.mkdir(parents=True, exist_ok=True)
+    return _stream([str(a) for a in args], env=env, show=show, log=log)
+
+
+def logged_metrics(output: str) -> list[dict]:
+    """The metric dicts a Trainer prints (`{'loss': '0.49', 'grad_norm': ...}`, one per logging step, as Axolotl's
+    log shows them), numbers as floats. The printed form is what a CLI run leaves behind."""
+    import ast
+    rows = []
+    for text in re.findall(r"\{'(?:loss|train_runtime|eval_loss)'.*?\}", output):
+        row = ast.literal_eval(text)
+        for key, value in row.items():
+            with contextlib.suppress(TypeError, ValueError):
+                row[key] = float(value)
+        rows.append(row)
+    return rows
 
 
 # ====================================================================== artefacts between notebooks

@@ -2,6 +2,7 @@
 # Create (or reuse) one of the cookbook's Python environments and print its path on the last line.
 #
 #   scripts/setup_env.sh [main]        the series' main environment, from requirements.txt
+#   scripts/setup_env.sh axolotl       Axolotl's own environment (Part 3), from requirements-axolotl.txt
 #
 # Environments live outside the clone, in $COOKBOOK_CACHE (default ~/.cache/llm-finetuning-cookbook),
 # keyed by a hash of their pinned requirements file and the Python version: an unchanged file reuses
@@ -15,11 +16,13 @@ cache="${COOKBOOK_CACHE:-$HOME/.cache/llm-finetuning-cookbook}"
 python="${COOKBOOK_PYTHON:-python3.11}"
 
 case "$name" in
-  main) reqs="$root/requirements.txt" ;;
-  *) echo "setup_env.sh: unknown environment '$name' (known: main)" >&2; exit 2 ;;
+  main) reqs="$root/requirements.txt"; allowed="" ;;
+  # Axolotl imports triton at start-up (it never runs a Triton kernel on CPU), so that environment keeps it.
+  axolotl) reqs="$root/requirements-axolotl.txt"; allowed="triton" ;;
+  *) echo "setup_env.sh: unknown environment '$name' (known: main, axolotl)" >&2; exit 2 ;;
 esac
 
-key="$( (cat "$reqs"; "$python" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)"
+key="$( (cat "$reqs"; "$python" -c 'import sys; print(sys.version)'; command -v nvidia-smi || true) | sha256sum | cut -c1-12)"
 env_dir="$cache/envs/$name-$key"
 
 if [ -f "$env_dir/.complete" ]; then
@@ -34,12 +37,19 @@ rm -rf "$env_dir"
 mkdir -p "$cache/envs"
 start=$SECONDS
 "$python" -m venv "$env_dir"
+if [ "$name" = axolotl ] && command -v nvidia-smi >/dev/null; then
+  # A CUDA machine: the lock holds the CPU torch, so let pip resolve Axolotl's CUDA stack from the same release.
+  "$env_dir/bin/python" -m pip install --quiet "$(grep '^axolotl==' "$reqs")" "$(grep '^torch==' "$reqs")"
+  touch "$env_dir/.complete"
+  echo "$env_dir"
+  exit 0
+fi
 # --no-deps: the file is a complete, tested lock. Letting pip resolve would pull the packages we
 # deliberately keep out (a CUDA torchvision, triton, xformers) through Unsloth's requirements.
 # (The grep drops pip's notice for each package the machine's local index mirror lacks: noise, not errors.)
 "$env_dir/bin/python" -m pip install --quiet --no-deps --no-compile -r "$reqs" 2>&1 \
   | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
-"$env_dir/bin/python" "$root/scripts/check_env.py" >&2
+"$env_dir/bin/python" "$root/scripts/check_env.py" $allowed >&2
 touch "$env_dir/.complete"
 echo "[setup] the $name environment is ready after $((SECONDS - start)) s" >&2
 echo "$env_dir"

@@ -309,6 +309,42 @@ def test_evaluate_scores_a_model_on_a_held_out_split(model_and_tokenizer):
     assert records[0]["reference"] == read_split("dates", "test")[0]["messages"][-1]["content"]
 
 
+def test_perplexity_uses_fixed_windows_and_falls_on_repeated_text(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    text = "The quick brown fox jumps over the lazy dog. " * 12
+    result = cb.perplexity(model, tokenizer, [text], window=32)
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert result["tokens"] == (n // 32) * 31 and result["ppl"] > 1
+    # A text the model has just seen in the same window is easy to continue: repeated text scores lower.
+    shuffled = " ".join(sorted(text.split(), key=lambda w: hash(w) % 7))
+    assert result["ppl"] < cb.perplexity(model, tokenizer, [shuffled], window=32)["ppl"]
+    with pytest.raises(ValueError, match="fewer than one window of 256"):
+        cb.perplexity(model, tokenizer, ["short"])
+
+
+# ---------------------------------------------------------------- tools in their own environments
+def test_logged_metrics_reads_the_dicts_a_trainer_prints():
+    output = ("  5%| 1/20 [00:03<00:57]{'loss': '0.4956', 'grad_norm': '1.242', 'epoch': '0.01'}\n"
+              "[INFO] unrelated line {'x': 1}\n{'train_runtime': '71.8', 'train_loss': '0.45', 'epoch': '0.06'}\n")
+    rows = cb.logged_metrics(output)
+    assert rows == [{"loss": 0.4956, "grad_norm": 1.242, "epoch": 0.01},
+                    {"train_runtime": 71.8, "train_loss": 0.45, "epoch": 0.06}]
+
+
+def test_run_cli_streams_selected_lines_logs_all_and_raises_with_the_tail(tmp_path, capsys):
+    env_dir = pathlib.Path(sys.executable).parent.parent
+    log = tmp_path / "logs" / "run.log"
+    out = cb.run_cli([pathlib.Path(sys.executable).name, "-c",
+                      "import os; print('keep 1'); print('drop'); print('keep', os.environ['DO_NOT_TRACK'])"],
+                     env_dir, log=log, show="^keep")
+    assert out == "keep 1\ndrop\nkeep 1\n" and log.read_text() == out
+    assert capsys.readouterr().out == "keep 1\nkeep 1\n"
+    with pytest.raises(RuntimeError, match=r"exited with 3.*\n.*boom"):
+        cb.run_cli([pathlib.Path(sys.executable).name, "-c", "import sys; print('boom'); sys.exit(3)"], env_dir)
+    with pytest.raises(FileNotFoundError, match="not-a-tool is not installed"):
+        cb.run_cli(["not-a-tool"], env_dir)
+
+
 # ---------------------------------------------------------------- measurement and results
 def test_measure_reports_wall_time_and_peak_memory():
     with cb.measure() as m:
