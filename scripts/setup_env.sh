@@ -40,16 +40,14 @@ start=$SECONDS
 if [ "$name" = axolotl ] && command -v nvidia-smi >/dev/null; then
   # A CUDA machine: the lock holds the CPU torch, so let pip resolve Axolotl's CUDA stack from the same release.
   "$env_dir/bin/python" -m pip install --quiet "$(grep '^axolotl==' "$reqs")" "$(grep '^torch==' "$reqs")"
-  touch "$env_dir/.complete"
-  echo "$env_dir"
-  exit 0
+else
+  # --no-deps: the file is a complete, tested lock. Letting pip resolve would pull the packages we
+  # deliberately keep out (a CUDA torchvision, triton, xformers) through Unsloth's requirements.
+  # (The grep drops pip's notice for each package the machine's local index mirror lacks: noise, not errors.)
+  "$env_dir/bin/python" -m pip install --quiet --no-deps --no-compile -r "$reqs" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
+  "$env_dir/bin/python" "$root/scripts/check_env.py" $allowed >&2
 fi
-# --no-deps: the file is a complete, tested lock. Letting pip resolve would pull the packages we
-# deliberately keep out (a CUDA torchvision, triton, xformers) through Unsloth's requirements.
-# (The grep drops pip's notice for each package the machine's local index mirror lacks: noise, not errors.)
-"$env_dir/bin/python" -m pip install --quiet --no-deps --no-compile -r "$reqs" 2>&1 \
-  | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
-"$env_dir/bin/python" "$root/scripts/check_env.py" $allowed >&2
 touch "$env_dir/.complete"
 echo "[setup] the $name environment is ready after $((SECONDS - start)) s" >&2
 echo "$env_dir"
