@@ -758,6 +758,8 @@ def run_cli(args: list[str], env_dir, log=None, show: str | None = None) -> str:
     env.update(PATH=f"{env_dir / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(env_dir),
                AXOLOTL_DO_NOT_TRACK="1", DO_NOT_TRACK="1", HF_HUB_DISABLE_TELEMETRY="1", WANDB_MODE="disabled",
                PYTHONUNBUFFERED="1")
+    # `accelerate launch` (what `axolotl train` runs) sets OMP_NUM_THREADS=1 when it is unset: one core of a CPU
+    env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     if get_profile().offline:
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if not (env_dir / "bin" / args[0]).exists():

@@ -1,5 +1,6 @@
 """Unit tests of the shared helper module (scripts/cookbook.py): tiny sizes, no training."""
 import json
+import os
 import pathlib
 import random
 import subprocess
@@ -346,6 +347,15 @@ def test_run_cli_streams_selected_lines_logs_all_and_raises_with_the_tail(tmp_pa
         cb.run_cli([pathlib.Path(sys.executable).name, "-c", "import sys; print('boom'); sys.exit(3)"], env_dir)
     with pytest.raises(FileNotFoundError, match="not-a-tool is not installed"):
         cb.run_cli(["not-a-tool"], env_dir)
+
+
+def test_run_cli_gives_the_tool_every_core_unless_the_user_chose(monkeypatch):
+    env_dir = pathlib.Path(sys.executable).parent.parent
+    show_threads = [pathlib.Path(sys.executable).name, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cb.run_cli(show_threads, env_dir).strip() == str(len(os.sched_getaffinity(0)))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cb.run_cli(show_threads, env_dir).strip() == "3"
 
 
 # ---------------------------------------------------------------- measurement and results
