@@ -1,8 +1,9 @@
 """Per-notebook timing table, refreshed by every test run that executes notebooks (nbval).
 
 For each notebook: wall time (kernel start to the last cell), the kernel's peak resident memory (VmHWM), the
-outcome and its three slowest cells (where to look first when a notebook must get faster). Written to results/timings.json (merged: notebooks not run this time keep their last figures)
-and rendered as results/TIMINGS.md with the totals.
+outcome, its three slowest cells (where to look first when a notebook must get faster) and the machine. Written
+to results/timings.json (merged: notebooks not run this time keep their last figures) and rendered as
+results/TIMINGS.md with one total per machine.
 """
 import datetime as dt
 import json
@@ -60,9 +61,10 @@ def pytest_runtest_logreport(report):
 
 def machine() -> str:
     """e.g. "AMD EPYC, 2 cores, avx2": the same notebook runs 2-3x slower on some CPUs of the same size."""
-    info = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     simd = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
     return f"{name}, {len(os.sched_getaffinity(0))} cores, {simd}"
 
