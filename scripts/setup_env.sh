@@ -41,10 +41,31 @@ if [ "$name" = axolotl ] && command -v nvidia-smi >/dev/null; then
   # A CUDA machine: the lock holds the CPU torch, so let pip resolve Axolotl's CUDA stack from the same release.
   "$env_dir/bin/python" -m pip install --quiet "$(grep '^axolotl==' "$reqs")" "$(grep '^torch==' "$reqs")"
 else
+  find_links=()
+  llama_pin="$(grep -i '^llama-cpp-python==' "$reqs" || true)"
+  if [ -n "$llama_pin" ]; then
+    # llama-cpp-python is published as source only: compiling it takes minutes on 2 cores. Build the wheel
+    # once into the cache, keyed by version, build flags and this CPU's instruction set (the build is
+    # -march=native), and let every later environment install it in seconds.
+    export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
+    cpu="$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-8)"
+    wheels="$cache/wheels/${llama_pin/==/-}-$(echo "$CMAKE_ARGS" | sha256sum | cut -c1-8)-cpu$cpu"
+    if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+      echo "[setup] compiling $llama_pin once into $wheels (a few minutes)" >&2
+      "$env_dir/bin/python" -m pip download --quiet --no-deps --no-binary :all: -d "$cache/src" "$llama_pin" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
+      build_start=$SECONDS; rm -rf "$wheels.tmp"
+      "$env_dir/bin/python" -m pip wheel --quiet --no-deps -w "$wheels.tmp" "$cache/src/llama_cpp_python-${llama_pin#*==}.tar.gz" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
+      mv "$wheels.tmp" "$wheels"
+      echo "[setup] llama-cpp-python compiled in $((SECONDS - build_start)) s" >&2
+    fi
+    find_links=(--find-links "$wheels")
+  fi
   # --no-deps: the file is a complete, tested lock. Letting pip resolve would pull the packages we
   # deliberately keep out (a CUDA torchvision, triton, xformers) through Unsloth's requirements.
   # (The grep drops pip's notice for each package the machine's local index mirror lacks: noise, not errors.)
-  "$env_dir/bin/python" -m pip install --quiet --no-deps --no-compile -r "$reqs" 2>&1 \
+  "$env_dir/bin/python" -m pip install --quiet --no-deps --no-compile "${find_links[@]}" -r "$reqs" 2>&1 \
     | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
   "$env_dir/bin/python" "$root/scripts/check_env.py" $allowed >&2
 fi
