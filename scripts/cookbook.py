@@ -566,7 +566,9 @@ YARDSTICK = {"task": "pretraining", "split": "test", "window": 256, "windows": 2
 def perplexity_windows(tokenizer, texts: list[str], window: int = 256, max_windows: int | None = None) -> list[list[int]]:
     """The token windows `perplexity` scores: the texts joined by blank lines, tokenized once (no special tokens),
     cut into non-overlapping windows of `window` tokens (the last, shorter one dropped), the first `max_windows`."""
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    # verbose=False: the text is longer than the model's context on purpose (it is cut into windows next), so the
+    # tokenizer's "sequence length is longer than the specified maximum" warning does not apply.
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
     windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:max_windows]
     if not windows:
         raise ValueError(f"the texts hold {len(ids)} tokens, fewer than one window of {window}")
@@ -932,6 +934,9 @@ ARTEFACTS = {a.name: a for a in (
     Artefact("sft_lora", "Part_1_Supervised_Finetuning_SFT/01_SFT_with_TRL_and_LoRA.ipynb",
              "01's LoRA adapter on the dates task (adapter/) and the base model merged with it (merged/)",
              parts=("adapter", "merged")),
+    Artefact("autoround_w4", "Part_4_Quantization/10_Advanced_PTQ_with_AutoRound.ipynb",
+             "01's merged model quantized W4A16 (group 64, sym) by AutoRound, exported in the auto_round "
+             "(auto-round-auto-gptq/) and GPTQ (auto-gptq/) formats", parts=("auto-round-auto-gptq", "auto-gptq")),
 )}
 ARTEFACT_MARKER = "artefact.json"
 

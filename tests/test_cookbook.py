@@ -569,3 +569,9 @@ def test_timings_table_totals_per_machine_and_lists_the_slowest_cells():
     assert "**total (1 notebooks)** | | **300.0** | **2000** (max) | | | | | slow |" in md
     assert "450.0" not in md, "times of different machines must not be added up"
     assert "cores" in conftest.machine()
+
+
+def test_every_artefact_names_an_existing_notebook_and_its_parts():
+    for art in cb.ARTEFACTS.values():
+        assert (cb.ROOT / art.notebook).exists(), f"{art.name}: {art.notebook} does not exist"
+        assert art.parts, f"{art.name} declares no parts to check before sealing"
