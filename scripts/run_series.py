@@ -4,9 +4,11 @@
     python scripts/run_series.py --only 00b      # notebooks whose file name contains "00b"
     python scripts/run_series.py --part 0        # one Part
     python scripts/run_series.py --resume        # skip notebooks that already succeeded and are unchanged
+    python scripts/run_series.py --report-only   # rewrite the report from results/, run nothing
 
 Executed copies (with outputs and plots) go to results/executed/; the numbers the notebooks record go to
-results/<profile>/; results/REPORT.md collects them. `make run` calls this inside the pinned environment.
+results/<profile>/; results/REPORT.md (and REPORT.html, with plots) collects them. `make run` calls this inside
+the pinned environment.
 """
 from __future__ import annotations
 
@@ -25,8 +27,13 @@ import cookbook as cb  # noqa: E402
 
 EXECUTED = cb.RESULTS_DIR / "executed"
 STATUS = EXECUTED / "status.json"
-REPORT_COLUMNS = ["notebook", "technique", "task", "score_before", "score", "trainable_params", "wall_s", "s_per_step",
-                  "tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "preference_rate", "reward"]
+# The comparison table: one row per technique a notebook recorded, these columns where any row has them.
+REPORT_COLUMNS = {"notebook": "notebook", "technique": "technique", "task": "task",
+                  "trainable_params": "trainable params", "wall_s": "wall time (s)", "tokens_per_s": "tokens/s",
+                  "peak_rss_mb": "peak RSS (MB)", "peak_gpu_mb": "peak GPU (MB)", "score_before": "score before",
+                  "score": "held-out score", "preference_rate": "preference rate", "reward": "reward",
+                  "perplexity": "perplexity", "domain_ppl": "domain perplexity", "size_mb": "size (MiB)",
+                  "requests_per_s": "serving req/s"}
 
 
 def notebooks(part: str | None, only: str | None) -> list[pathlib.Path]:
@@ -52,25 +59,78 @@ def execute(path: pathlib.Path, timeout: int) -> tuple[bool, float, str]:
     return not error, time.perf_counter() - start, error
 
 
-def write_report(status: dict) -> pathlib.Path:
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _plots(rows: list[dict], folder: pathlib.Path) -> list[str]:
+    """score vs training time, and size vs perplexity, from the recorded rows; returns the image file names."""
+    import matplotlib
+    matplotlib.use("Agg")  # the report is written without a screen
+    import matplotlib.pyplot as plt
+    charts = {"report_score_vs_time.png": ("wall_s", "score", "training wall time (s)", "held-out score",
+                                           "Held-out score vs training time"),
+              "report_size_vs_perplexity.png": ("size_mb", "perplexity", "size on disk (MiB)", "held-out perplexity",
+                                                "Size vs perplexity (Part 4 yardstick)")}
+    written = []
+    for name, (x, y, xlabel, ylabel, title) in charts.items():
+        points = [r for r in rows if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for task in sorted({r.get("task", "") for r in points}):  # scores of different tasks are not comparable
+            same = [r for r in points if r.get("task", "") == task]
+            ax.scatter([r[x] for r in same], [r[y] for r in same], label=task)
+        for r in points:
+            ax.annotate(f"{r['notebook'].split('_')[0]} {r['technique']}"[:40], (r[x], r[y]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend(title="task", fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def write_report(status: dict, folder: pathlib.Path | None = None) -> pathlib.Path:
+    """results/REPORT.md (and REPORT.html beside it): the notebooks' outcomes and wall times from `status`, a failed
+    one named with its cell and error, and every technique the notebooks recorded in results/<profile>/."""
+    import mistune
+    folder = folder or cb.RESULTS_DIR
     profile = cb.get_profile()
     lines = [f"# Series report ({profile.name} profile)", "",
              "Written by `make run` from `results/`. Every number below was measured by a notebook in this run "
              "or an earlier one (see each notebook's executed copy in `results/executed/`).", "",
-             "## Notebooks", "", "| notebook | outcome | wall time (s) |", "|---|---|---:|"]
+             "## Notebooks", "", "Run by `make run` (wall time from kernel start to the last cell). Timings and peak memory of "
+             "the last test run: [`TIMINGS.md`](TIMINGS.md).", "",
+             "| notebook | outcome | wall time (s) |", "|---|---|---:|"]
     for name, st in sorted(status.items()):
-        lines.append(f"| `{name}` | {'ok' if st['ok'] else 'FAILED: ' + st['error']} | {st['wall_s']:.0f} |")
-    lines.append(f"| **total** | | **{sum(st['wall_s'] for st in status.values()):.0f}** |")
+        lines.append(f"| `{name}` | {'ok' if st['ok'] else 'FAILED at ' + st['error']} | {st['wall_s']:.0f} |")
+    failed = sum(not st["ok"] for st in status.values())
+    lines.append(f"| **total** ({len(status)} notebooks, {failed} failed) | | "
+                 f"**{sum(st['wall_s'] for st in status.values()):.0f}** |")
     rows = cb.load_results(profile)
     if rows:
-        keys = [k for k in REPORT_COLUMNS if any(k in r for r in rows)]
-        lines += ["", "## Results", "", "Full entries (every recorded field) are in `results/<profile>/*.json`.", "",
-                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for r in rows:
-            cells = [r.get(k, "") for k in keys]
-            lines.append("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells) + " |")
-    path = cb.RESULTS_DIR / "REPORT.md"
-    path.write_text("\n".join(lines) + "\n")
+        keys = [k for k in REPORT_COLUMNS if any(r.get(k) not in (None, "") for r in rows)]
+        lines += ["", "## Techniques side by side", "",
+                  "One row per technique a notebook recorded; every field is in `results/<profile>/*.json`.", "",
+                  "| " + " | ".join(REPORT_COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_cell(r.get(k, "")) if r.get(k) is not None else "" for k in keys) + " |"
+                  for r in rows]
+        images = _plots(rows, folder)
+        if images:
+            lines += ["", "## Plots", ""] + [f"![{name[7:-4].replace('_', ' ')}]({name})" for name in images]
+    text = "\n".join(lines) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "REPORT.md"
+    path.write_text(text)
+    html = mistune.create_markdown(plugins=["table"])(text)
+    (folder / "REPORT.html").write_text(f"<!doctype html><meta charset='utf-8'><title>Series report</title>\n"
+                                        f"<style>body{{font-family:sans-serif}} td,th{{border:1px solid #ccc;"
+                                        f"padding:2px 6px}} table{{border-collapse:collapse}}</style>\n{html}")
     return path
 
 
@@ -80,7 +140,13 @@ def main() -> int:
     parser.add_argument("--only", help="run notebooks whose file name contains this text")
     parser.add_argument("--resume", action="store_true", help="skip notebooks that succeeded and are unchanged")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    parser.add_argument("--report-only", action="store_true", help="write the report from results/, run nothing")
     args = parser.parse_args()
+
+    if args.report_only:
+        status = json.loads(STATUS.read_text()) if STATUS.exists() else {}
+        print(f"report: {write_report(status)}")
+        return 0
 
     selected = notebooks(args.part, args.only)
     if not selected:
