@@ -60,6 +60,8 @@ def execute(path: pathlib.Path, timeout: int) -> tuple[bool, float, str]:
 
 
 def _cell(value) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
@@ -118,8 +120,7 @@ def write_report(status: dict, folder: pathlib.Path | None = None) -> pathlib.Pa
         lines += ["", "## Techniques side by side", "",
                   "One row per technique a notebook recorded; every field is in `results/<profile>/*.json`.", "",
                   "| " + " | ".join(REPORT_COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
-        lines += ["| " + " | ".join(_cell(r.get(k, "")) if r.get(k) is not None else "" for k in keys) + " |"
-                  for r in rows]
+        lines += ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in rows]
         images = _plots(rows, folder)
         if images:
             lines += ["", "## Plots", ""] + [f"![{name[7:-4].replace('_', ' ')}]({name})" for name in images]
@@ -143,8 +144,8 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true", help="write the report from results/, run nothing")
     args = parser.parse_args()
 
+    status = json.loads(STATUS.read_text()) if STATUS.exists() else {}
     if args.report_only:
-        status = json.loads(STATUS.read_text()) if STATUS.exists() else {}
         print(f"report: {write_report(status)}")
         return 0
 
@@ -152,7 +153,6 @@ def main() -> int:
     if not selected:
         print(f"no notebook matches --part={args.part} --only={args.only}", file=sys.stderr)
         return 2
-    status = json.loads(STATUS.read_text()) if STATUS.exists() else {}
     failed = []
     for path in tqdm(selected, desc="series", unit="notebook"):
         name = str(path.relative_to(cb.ROOT))
