@@ -934,6 +934,8 @@ ARTEFACTS = {a.name: a for a in (
     Artefact("sft_lora", "Part_1_Supervised_Finetuning_SFT/01_SFT_with_TRL_and_LoRA.ipynb",
              "01's LoRA adapter on the dates task (adapter/) and the base model merged with it (merged/)",
              parts=("adapter", "merged")),
+    Artefact("sft_json", "Part_1_Supervised_Finetuning_SFT/01b_SFT_for_Structured_Output_JSON.ipynb",
+             "01b's LoRA adapter on the json_extraction task (adapter/)", parts=("adapter",)),
     Artefact("autoround_w4", "Part_4_Quantization/10_Advanced_PTQ_with_AutoRound.ipynb",
              "01's merged model quantized W4A16 (group 64, sym) by AutoRound, exported in the auto_round "
              "(auto-round-auto-gptq/) and GPTQ (auto-gptq/) formats", parts=("auto-round-auto-gptq", "auto-gptq")),
