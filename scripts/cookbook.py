@@ -230,14 +230,16 @@ class Task:
     description: str
 
 
-FORMATS = ("messages", "alpaca", "preference", "prompt_answer", "text")
+FORMATS = ("messages", "alpaca", "preference", "prompt_answer", "text", "image_messages")
 TASKS = {t.name: t for t in (
     Task("dates", "messages", "any written date -> ISO 8601 (YYYY-MM-DD), INVALID if it does not exist"),
     Task("json_extraction", "alpaca", "a sentence about a person -> JSON with keys name, age, city, job"),
     Task("preference", "preference", "the dates task as preference pairs, half of them impossible dates"),
     Task("arithmetic", "prompt_answer", "two-digit addition/subtraction, final answer inside <answer></answer>"),
     Task("pretraining", "text", "Python's documentation topics as plain text, for continued pretraining"),
+    Task("shapes", "image_messages", "a picture of one coloured shape -> its colour and shape, e.g. 'red circle'"),
 )}
+IMAGE_PLACEHOLDER = "<image>"  # where a vision chat row's picture goes in its user turn (LLaVA's convention)
 SPLIT_NAMES = ("train", "validation", "test")
 
 
@@ -335,15 +337,29 @@ def _check_turns(row: dict, field: str, last_role: str) -> list[str]:
     return problems
 
 
+def _check_image_fields(row: dict) -> list[str]:
+    """`images`: a non-empty list of file paths, one per <image> placeholder in the conversation."""
+    images = row.get("images")
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
+        return ["images: expected a non-empty list of image file paths"]
+    messages = row.get("messages") if isinstance(row.get("messages"), list) else []
+    placeholders = sum(m.get("content", "").count(IMAGE_PLACEHOLDER) for m in messages
+                       if isinstance(m, dict) and isinstance(m.get("content"), str))
+    if placeholders != len(images):
+        return [f"images: {len(images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in messages"]
+    return []
+
+
 def check_row(row: dict, fmt: str) -> list[str]:
     """Problems with one example of format `fmt` (empty list: fine)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
     if not isinstance(row, dict):
         return [f"row: expected a JSON object, got {type(row).__name__}"]
-    if fmt == "messages":
-        return _check_messages(row.get("messages"), "messages", "assistant") if "messages" in row \
+    if fmt in ("messages", "image_messages"):
+        problems = _check_messages(row.get("messages"), "messages", "assistant") if "messages" in row \
             else ["messages: missing field"]
+        return problems + (_check_image_fields(row) if fmt == "image_messages" else [])
     if fmt == "alpaca":
         return _check_text(row, "instruction") + _check_text(row, "input", allow_empty=True) + \
             _check_text(row, "output")
@@ -362,7 +378,8 @@ def row_text(row: dict, fmt: str) -> str:
     """All the text of an example, for length checks."""
     def flat(value):
         return value if isinstance(value, str) else " ".join(m.get("content", "") for m in value)
-    fields = {"messages": ["messages"], "alpaca": ["instruction", "input", "output"], "text": ["text"],
+    fields = {"messages": ["messages"], "image_messages": ["messages"], "alpaca": ["instruction", "input", "output"],
+              "text": ["text"],
               "prompt_answer": ["prompt", "answer"], "preference": ["prompt", "chosen", "rejected"]}[fmt]
     return "\n".join(flat(row[f]) for f in fields)
 
@@ -371,8 +388,8 @@ def validate_jsonl(path, fmt: str, tokenizer=None, max_tokens: int | None = None
     """Check every line of a JSON-lines file; raise DataValidationError listing *all* bad rows.
 
     Catches: invalid JSON, a row that is not an object, a missing field, a wrong type, empty text, a wrong role
-    order, and an over-long example (tokens with `tokenizer` and `max_tokens`, else characters). Returns the
-    number of rows when the file is clean.
+    order, an image file that is not there (paths are relative to the file's folder), and an over-long example
+    (tokens with `tokenizer` and `max_tokens`, else characters). Returns the number of rows when the file is clean.
     """
     path = pathlib.Path(path)
     if not path.exists():
@@ -394,6 +411,9 @@ def validate_jsonl(path, fmt: str, tokenizer=None, max_tokens: int | None = None
             problems += [f"{where}: {p}" for p in found]
             if found:
                 continue
+            if fmt == "image_messages":
+                missing = [i for i in row["images"] if not (path.parent / i).is_file()]
+                problems += [f"{where}: images: file not found: {path.parent / i}" for i in missing]
             text = row_text(row, fmt)
             if tokenizer is not None and max_tokens is not None:
                 n = len(tokenizer(text)["input_ids"])
@@ -411,7 +431,7 @@ def validate_jsonl(path, fmt: str, tokenizer=None, max_tokens: int | None = None
 # ====================================================================== prompts and scoring
 def to_messages(row: dict, fmt: str) -> tuple[list[dict], str]:
     """(conversation up to the user turn, reference answer) of one held-out example."""
-    if fmt == "messages":
+    if fmt in ("messages", "image_messages"):
         return row["messages"][:-1], row["messages"][-1]["content"]
     if fmt == "alpaca":
         content = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
@@ -486,7 +506,15 @@ def score(task: str, predictions: list[str], references: list[str]) -> dict[str,
         acc = sum(extract_answer(p) == r.strip() for p, r in zip(predictions, references)) / n
         tagged = sum(bool(ANSWER_TAG.search(p)) for p in predictions) / n
         return {"score": acc, "accuracy": acc, "format_ok": tagged}
-    raise ValueError(f"no scorer for task {task!r}; scored tasks: dates, preference, json_extraction, arithmetic")
+    if task == "shapes":
+        # A caption is "<colour> <shape>": each attribute is scored on its own word, so the table shows which
+        # of the two a vision model has learned to see.
+        pairs = [(normalize(p).lower().split(), normalize(r).lower().split()) for p, r in zip(predictions, references)]
+        em = sum(p == r for p, r in pairs) / n
+        return {"score": em, "exact_match": em, "colour_accuracy": sum(p[:1] == r[:1] for p, r in pairs) / n,
+                "shape_accuracy": sum(p[-1:] == r[-1:] for p, r in pairs) / n}
+    raise ValueError(f"no scorer for task {task!r}; scored tasks: dates, preference, json_extraction, arithmetic, "
+                     f"shapes")
 
 
 def preference_judge(records: list[dict]) -> dict[str, float]:
@@ -533,7 +561,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     return [a.strip() for a in answers]
 
 
-MAX_NEW_TOKENS = {"dates": 16, "preference": 16, "json_extraction": 48, "arithmetic": 64}
+MAX_NEW_TOKENS = {"dates": 16, "preference": 16, "json_extraction": 48, "arithmetic": 64, "shapes": 8}
 
 
 def evaluate(model, tokenizer, task: str, split: str = "test", limit: int | None = None, batch_size: int = 16):

@@ -3,7 +3,7 @@
     python scripts/make_datasets.py [--out DIR]
 
 Every run with the same seed writes byte-identical files (a unit test regenerates them and compares with the
-committed copies). Five datasets, one per format the series teaches:
+committed copies). Six datasets, one per format the series teaches:
 
 | folder            | format                          | task                                               | used by          |
 |-------------------|---------------------------------|----------------------------------------------------|------------------|
@@ -12,9 +12,10 @@ committed copies). Five datasets, one per format the series teaches:
 | preference        | `prompt/chosen/rejected` (conversational) | dates again, including dates that do not exist | DPO, ORPO   |
 | arithmetic        | `prompt` + verifiable `answer`  | two-digit addition/subtraction, answer in tags     | GRPO             |
 | pretraining       | plain `text`                    | Python's own documentation topics (real prose)     | continued pretraining, perplexity |
+| shapes            | `images` + chat `messages`      | a drawn picture of one shape -> "red circle"       | vision-language model |
 
 Splits are 80/10/10 and leak-free by construction: each split is cut from a shuffled list of *unique keys*
-(a calendar date, a person's name, an arithmetic expression, a documentation topic), so no key — and hence no
+(a calendar date, a person's name, an arithmetic expression, a documentation topic, a picture's drawing), so no key — and hence no
 prompt — appears in two splits. The preference set draws its valid dates from dates the `dates` task never uses.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ DATES_INSTRUCTION = ("Convert the date to ISO 8601 format (YYYY-MM-DD). If the d
 JSON_INSTRUCTION = ('Extract the person\'s name, age, city and job from the text. Reply with one JSON object with '
                     'exactly the keys "name", "age" (a number), "city" and "job".')
 ARITHMETIC_SUFFIX = "Give the final answer as a number inside <answer></answer>."
+SHAPES_PROMPT = "<image>\nWhat is in the picture?"
 
 
 def split_keys(keys: list, rng: random.Random) -> dict[str, list]:
@@ -235,6 +237,64 @@ def pretraining_rows(topics: dict[str, str], keys: list[str], chunk_chars: int =
     return rows
 
 
+# ---------------------------------------------------------------- pictures of shapes
+SHAPE_COLOURS = {"red": (210, 35, 35), "green": (40, 150, 60), "blue": (35, 70, 210), "yellow": (235, 195, 25),
+                 "purple": (130, 50, 170), "orange": (240, 125, 20)}
+SHAPE_KINDS = ("circle", "square", "triangle", "star")
+IMAGE_SIZE = 128
+
+
+def shape_specs(rng: random.Random, per_caption: int) -> list[tuple]:
+    """Unique drawings: (colour, shape, centre x, centre y, half-size, background grey), `per_caption` of each of
+    the colour x shape captions, placed and sized at random on a random light background."""
+    specs = set()
+    for colour in SHAPE_COLOURS:
+        for kind in SHAPE_KINDS:
+            drawn = 0
+            while drawn < per_caption:
+                half = rng.randint(14, 34)
+                spec = (colour, kind, rng.randint(half + 2, IMAGE_SIZE - half - 3),
+                        rng.randint(half + 2, IMAGE_SIZE - half - 3), half, rng.randint(190, 250))
+                if spec not in specs:
+                    specs.add(spec)
+                    drawn += 1
+    return sorted(specs)
+
+
+def draw_shape(spec: tuple):
+    """One RGB picture, drawn without anti-aliasing so the PNG bytes depend only on Pillow's encoder."""
+    import math
+    from PIL import Image, ImageDraw
+    colour, kind, x, y, half, grey = spec
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (grey, grey, grey))
+    draw, fill = ImageDraw.Draw(image), SHAPE_COLOURS[colour]
+    if kind == "circle":
+        draw.ellipse((x - half, y - half, x + half, y + half), fill=fill)
+    elif kind == "square":
+        draw.rectangle((x - half, y - half, x + half, y + half), fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(x, y - half), (x - half, y + half), (x + half, y + half)], fill=fill)
+    else:  # a five-pointed star: outer and inner points alternate
+        points = [(x + r * math.sin(math.pi * k / 5), y - r * math.cos(math.pi * k / 5))
+                  for k, r in zip(range(10), [half, half * 0.45] * 5)]
+        draw.polygon([(round(px), round(py)) for px, py in points], fill=fill)
+    return image
+
+
+def shapes_rows(specs: list[tuple], split: str, out: pathlib.Path) -> list[dict]:
+    """Draw each picture into out/images/ and return rows in the vision chat form: `images` (paths relative to
+    the JSON-lines file) and `messages` whose user turn holds one <image> placeholder."""
+    rows = []
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for i, spec in enumerate(specs):
+        path = f"images/{split}_{i:04d}.png"
+        draw_shape(spec).save(out / path, optimize=True)
+        rows.append({"images": [path],
+                     "messages": [{"role": "user", "content": SHAPES_PROMPT},
+                                  {"role": "assistant", "content": f"{spec[0]} {spec[1]}"}]})
+    return rows
+
+
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -279,6 +339,11 @@ def build(out: pathlib.Path, seed: int = SEED) -> dict[str, dict[str, int]]:
     (out / "pretraining" / "SOURCE.txt").write_text(
         f"Text of pydoc_data.topics from CPython {sys.version.split()[0]}; split by groups of topics that share "
         "no paragraph with other groups, chunked by paragraph.\n")
+
+    # Its own generator: the pretraining split above depends on the CPython release, and must not move these.
+    shapes_rng = random.Random(f"{seed}-shapes")
+    for split, specs in split_keys(shape_specs(shapes_rng, 25), shapes_rng).items():
+        emit("shapes", split, shapes_rows(specs, split, out / "shapes"))
     return counts
 
 

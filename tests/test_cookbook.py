@@ -175,6 +175,16 @@ def good_chat(answer="2021-03-05"):
     ("preference", json.dumps({"prompt": [{"role": "assistant", "content": "q"}], "chosen": "a", "rejected": "b"}),
      r"prompt\[0\]\.role: wrong role order"),
     ("prompt_answer", json.dumps({"prompt": "What is 2 + 2?"}), r":1: answer: missing field"),
+    ("image_messages", json.dumps({"messages": [{"role": "user", "content": "<image>\nWhat is it?"},
+                                                {"role": "assistant", "content": "red circle"}]}),
+     r":1: images: expected a non-empty list of image file paths"),
+    ("image_messages", json.dumps({"images": ["a.png"], "messages": [{"role": "user", "content": "What is it?"},
+                                                                     {"role": "assistant", "content": "red circle"}]}),
+     r":1: images: 1 image\(s\) but 0 <image> placeholder\(s\) in messages"),
+    ("image_messages", json.dumps({"images": ["missing.png"],
+                                   "messages": [{"role": "user", "content": "<image>\nWhat is it?"},
+                                                {"role": "assistant", "content": "red circle"}]}),
+     r":1: images: file not found: .*missing\.png"),
 ])
 def test_validation_names_file_line_and_field(tmp_path, fmt, line, expected):
     path = write_lines(tmp_path, [line])
@@ -231,6 +241,8 @@ def split_key(task, row):
         return json.loads(row["output"])["name"]
     if task == "pretraining":
         return row["text"]
+    if task == "shapes":  # the picture itself: the same drawing must not reach two splits
+        return (pathlib.Path(cb.data_files(task)["train"]).parent / row["images"][0]).read_bytes()
     return json.dumps(row["prompt"])
 
 
@@ -266,6 +278,23 @@ def test_dataset_script_is_deterministic_and_matches_committed_data(tmp_path):
         for split in cb.SPLIT_NAMES:
             fresh = (tmp_path / task / f"{split}.jsonl").read_bytes()
             assert fresh == pathlib.Path(cb.data_files(task)[split]).read_bytes(), f"{task}/{split} differs"
+    fresh_images = sorted((tmp_path / "shapes" / "images").iterdir())
+    committed = sorted((cb.DATA_DIR / "shapes" / "images").iterdir())
+    assert [p.name for p in fresh_images] == [p.name for p in committed]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(fresh_images, committed)), "shapes images differ"
+
+
+def test_shapes_pictures_show_the_caption_they_carry():
+    from PIL import Image
+    import make_datasets
+    rows = read_split("shapes", "test")
+    captions = {row["messages"][-1]["content"] for split in cb.SPLIT_NAMES for row in read_split("shapes", split)}
+    assert len(captions) == len(make_datasets.SHAPE_COLOURS) * len(make_datasets.SHAPE_KINDS)
+    for row in rows[:20]:
+        colour = row["messages"][-1]["content"].split()[0]
+        image = Image.open(pathlib.Path(cb.data_files("shapes")["test"]).parent / row["images"][0])
+        assert image.size == (make_datasets.IMAGE_SIZE,) * 2 and image.mode == "RGB"
+        assert make_datasets.SHAPE_COLOURS[colour] in {rgb for _, rgb in image.getcolors()}, row
 
 
 def test_load_data_returns_splits_and_refuses_hub_ids_offline():
@@ -308,6 +337,13 @@ def test_arithmetic_score_reads_tags_first_then_the_last_number():
     assert cb.extract_answer("no idea") is None
     m = cb.score("arithmetic", ["<answer>-4</answer>", "so 9", "<answer>8</answer>"], ["-4", "9", "9"])
     assert m["accuracy"] == pytest.approx(2 / 3) and m["format_ok"] == pytest.approx(2 / 3)
+
+
+def test_shapes_score_reads_colour_and_shape_words():
+    m = cb.score("shapes", ["red circle", "Red circle.", "blue circle", "red square", "a red circle"],
+                 ["red circle"] * 5)
+    assert m["exact_match"] == pytest.approx(2 / 5)
+    assert m["colour_accuracy"] == pytest.approx(3 / 5) and m["shape_accuracy"] == pytest.approx(4 / 5)
 
 
 def test_score_refuses_mismatched_or_unknown_input():
