@@ -230,7 +230,7 @@ class Task:
     description: str
 
 
-FORMATS = ("messages", "alpaca", "preference", "prompt_answer", "text", "image_messages")
+FORMATS = ("messages", "alpaca", "preference", "prompt_answer", "text", "image_messages", "multiple_choice")
 TASKS = {t.name: t for t in (
     Task("dates", "messages", "any written date -> ISO 8601 (YYYY-MM-DD), INVALID if it does not exist"),
     Task("json_extraction", "alpaca", "a sentence about a person -> JSON with keys name, age, city, job"),
@@ -238,6 +238,7 @@ TASKS = {t.name: t for t in (
     Task("arithmetic", "prompt_answer", "two-digit addition/subtraction, final answer inside <answer></answer>"),
     Task("pretraining", "text", "Python's documentation topics as plain text, for continued pretraining"),
     Task("shapes", "image_messages", "a picture of one coloured shape -> its colour and shape, e.g. 'red circle'"),
+    Task("capitals", "multiple_choice", "country <-> capital questions with 4 choices (general knowledge, lm-eval)"),
 )}
 IMAGE_PLACEHOLDER = "<image>"  # where a vision chat row's picture goes in its user turn (LLaVA's convention)
 SPLIT_NAMES = ("train", "validation", "test")
@@ -350,6 +351,18 @@ def _check_image_fields(row: dict) -> list[str]:
     return []
 
 
+def _check_choices(row: dict) -> list[str]:
+    """MMLU's layout: `choices`, a list of distinct non-empty strings, and `answer`, the index of the right one."""
+    choices, answer = row.get("choices"), row.get("answer")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        return ["choices: expected a list of at least 2 non-empty strings"]
+    if len(set(choices)) != len(choices):
+        return ["choices: the same choice appears twice"]
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        return [f"answer: expected the index of the right choice (0..{len(choices) - 1}), got {answer!r}"]
+    return []
+
+
 def check_row(row: dict, fmt: str) -> list[str]:
     """Problems with one example of format `fmt` (empty list: fine)."""
     if fmt not in FORMATS:
@@ -365,6 +378,8 @@ def check_row(row: dict, fmt: str) -> list[str]:
             _check_text(row, "output")
     if fmt == "text":
         return _check_text(row, "text")
+    if fmt == "multiple_choice":
+        return _check_text(row, "question") + _check_choices(row)
     if fmt == "prompt_answer":
         return _check_turns(row, "prompt", "user") + _check_text(row, "answer")
     problems = _check_turns(row, "prompt", "user") + _check_turns(row, "chosen", "assistant") + \
@@ -377,9 +392,10 @@ def check_row(row: dict, fmt: str) -> list[str]:
 def row_text(row: dict, fmt: str) -> str:
     """All the text of an example, for length checks."""
     def flat(value):
-        return value if isinstance(value, str) else " ".join(m.get("content", "") for m in value)
+        return value if isinstance(value, str) else " ".join(m if isinstance(m, str) else m.get("content", "")
+                                                             for m in value)
     fields = {"messages": ["messages"], "image_messages": ["messages"], "alpaca": ["instruction", "input", "output"],
-              "text": ["text"],
+              "text": ["text"], "multiple_choice": ["question", "choices"],
               "prompt_answer": ["prompt", "answer"], "preference": ["prompt", "chosen", "rejected"]}[fmt]
     return "\n".join(flat(row[f]) for f in fields)
 
@@ -964,6 +980,14 @@ ARTEFACTS = {a.name: a for a in (
              parts=("adapter", "merged")),
     Artefact("sft_json", "Part_1_Supervised_Finetuning_SFT/01b_SFT_for_Structured_Output_JSON.ipynb",
              "01b's LoRA adapter on the json_extraction task (adapter/)", parts=("adapter",)),
+    Artefact("sft_full", "Part_1_Supervised_Finetuning_SFT/02_Full_Parameter_SFT_with_TRL.ipynb",
+             "02's fully finetuned model on the dates task (model/)", parts=("model",)),
+    Artefact("dpo_lora", "Part_2_Preference_Alignment/04_Aligning_with_DPO_using_TRL.ipynb",
+             "04's DPO LoRA adapter (adapter/), trained on sft_lora's merged model", parts=("adapter",)),
+    Artefact("orpo_lora", "Part_2_Preference_Alignment/05_Simplified_Alignment_with_ORPO.ipynb",
+             "05's ORPO LoRA adapter on the base model (adapter/)", parts=("adapter",)),
+    Artefact("grpo", "Part_2_Preference_Alignment/06_Advanced_RL_Alignment_with_GRPO.ipynb",
+             "06's cold-started model with its GRPO adapter merged in (merged/)", parts=("merged",)),
     Artefact("autoround_w4", "Part_4_Quantization/10_Advanced_PTQ_with_AutoRound.ipynb",
              "01's merged model quantized W4A16 (group 64, sym) by AutoRound, exported in the auto_round "
              "(auto-round-auto-gptq/) and GPTQ (auto-gptq/) formats", parts=("auto-round-auto-gptq", "auto-gptq")),

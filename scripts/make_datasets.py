@@ -3,7 +3,7 @@
     python scripts/make_datasets.py [--out DIR]
 
 Every run with the same seed writes byte-identical files (a unit test regenerates them and compares with the
-committed copies). Six datasets, one per format the series teaches:
+committed copies). Seven datasets, one per format the series teaches:
 
 | folder            | format                          | task                                               | used by          |
 |-------------------|---------------------------------|----------------------------------------------------|------------------|
@@ -13,9 +13,11 @@ committed copies). Six datasets, one per format the series teaches:
 | arithmetic        | `prompt` + verifiable `answer`  | two-digit addition/subtraction, answer in tags     | GRPO             |
 | pretraining       | plain `text`                    | Python's own documentation topics (real prose)     | continued pretraining, perplexity |
 | shapes            | `images` + chat `messages`      | a drawn picture of one shape -> "red circle"       | vision-language model |
+| capitals          | `question/choices/answer` (MMLU's layout) | country <-> capital, 4 choices             | benchmark (lm-eval)  |
 
 Splits are 80/10/10 and leak-free by construction: each split is cut from a shuffled list of *unique keys*
-(a calendar date, a person's name, an arithmetic expression, a documentation topic, a picture's drawing), so no key — and hence no
+(a calendar date, a person's name, an arithmetic expression, a documentation topic, a picture's drawing, a country),
+so no key — and hence no
 prompt — appears in two splits. The preference set draws its valid dates from dates the `dates` task never uses.
 """
 from __future__ import annotations
@@ -295,6 +297,52 @@ def shapes_rows(specs: list[tuple], split: str, out: pathlib.Path) -> list[dict]
     return rows
 
 
+# ---------------------------------------------------------------- capitals (multiple choice)
+# General knowledge that no finetune in the series teaches: a benchmark for what finetuning must not destroy.
+COUNTRIES = [  # (country, capital), 100 countries whose capital is undisputed and not named like the country
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Portugal", "Lisbon"),
+    ("United Kingdom", "London"), ("Ireland", "Dublin"), ("Netherlands", "Amsterdam"), ("Belgium", "Brussels"),
+    ("Switzerland", "Bern"), ("Austria", "Vienna"), ("Poland", "Warsaw"), ("Czech Republic", "Prague"),
+    ("Slovakia", "Bratislava"), ("Hungary", "Budapest"), ("Romania", "Bucharest"), ("Bulgaria", "Sofia"),
+    ("Greece", "Athens"), ("Sweden", "Stockholm"), ("Norway", "Oslo"), ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"), ("Iceland", "Reykjavik"), ("Estonia", "Tallinn"), ("Latvia", "Riga"),
+    ("Lithuania", "Vilnius"), ("Ukraine", "Kyiv"), ("Croatia", "Zagreb"), ("Serbia", "Belgrade"),
+    ("Slovenia", "Ljubljana"), ("Albania", "Tirana"), ("Malta", "Valletta"), ("Cyprus", "Nicosia"),
+    ("Russia", "Moscow"), ("Belarus", "Minsk"), ("Moldova", "Chisinau"), ("Japan", "Tokyo"), ("China", "Beijing"),
+    ("India", "New Delhi"), ("South Korea", "Seoul"), ("North Korea", "Pyongyang"), ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"), ("Indonesia", "Jakarta"), ("Philippines", "Manila"), ("Malaysia", "Kuala Lumpur"),
+    ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"), ("Nepal", "Kathmandu"), ("Afghanistan", "Kabul"),
+    ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Saudi Arabia", "Riyadh"), ("Jordan", "Amman"), ("Syria", "Damascus"),
+    ("Lebanon", "Beirut"), ("Turkey", "Ankara"), ("Mongolia", "Ulaanbaatar"), ("Uzbekistan", "Tashkent"),
+    ("Cambodia", "Phnom Penh"), ("Laos", "Vientiane"), ("Qatar", "Doha"), ("Oman", "Muscat"),
+    ("Georgia", "Tbilisi"), ("Armenia", "Yerevan"), ("Azerbaijan", "Baku"), ("Egypt", "Cairo"),
+    ("Nigeria", "Abuja"), ("Kenya", "Nairobi"), ("Ethiopia", "Addis Ababa"), ("Ghana", "Accra"),
+    ("Morocco", "Rabat"), ("Algeria", "Algiers"), ("Senegal", "Dakar"), ("Uganda", "Kampala"),
+    ("Zimbabwe", "Harare"), ("Zambia", "Lusaka"), ("Angola", "Luanda"), ("Mozambique", "Maputo"),
+    ("Sudan", "Khartoum"), ("Libya", "Tripoli"), ("Mali", "Bamako"), ("Rwanda", "Kigali"),
+    ("Madagascar", "Antananarivo"), ("Namibia", "Windhoek"), ("Somalia", "Mogadishu"), ("Canada", "Ottawa"),
+    ("Brazil", "Brasilia"), ("Argentina", "Buenos Aires"), ("Chile", "Santiago"), ("Peru", "Lima"),
+    ("Colombia", "Bogota"), ("Venezuela", "Caracas"), ("Ecuador", "Quito"), ("Uruguay", "Montevideo"),
+    ("Cuba", "Havana"), ("Jamaica", "Kingston"), ("Australia", "Canberra"), ("New Zealand", "Wellington"),
+    ("Fiji", "Suva"),
+]
+
+
+def capitals_rows(countries: list[tuple[str, str]], rng: random.Random) -> list[dict]:
+    """Two questions per country, each with its answer and three wrong ones drawn from the other countries."""
+    rows = []
+    for country, capital in countries:
+        others = [c for c in COUNTRIES if c[0] != country]
+        for question, right, wrong in ((f"What is the capital of {country}?", capital,
+                                        [c[1] for c in rng.sample(others, 3)]),
+                                       (f"{capital} is the capital of which country?", country,
+                                        [c[0] for c in rng.sample(others, 3)])):
+            choices = [right, *wrong]
+            rng.shuffle(choices)
+            rows.append({"question": question, "choices": choices, "answer": choices.index(right)})
+    return rows
+
+
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -344,6 +392,10 @@ def build(out: pathlib.Path, seed: int = SEED) -> dict[str, dict[str, int]]:
     shapes_rng = random.Random(f"{seed}-shapes")
     for split, specs in split_keys(shape_specs(shapes_rng, 25), shapes_rng).items():
         emit("shapes", split, shapes_rows(specs, split, out / "shapes"))
+
+    capitals_rng = random.Random(f"{seed}-capitals")
+    for split, countries in split_keys(COUNTRIES, capitals_rng).items():
+        emit("capitals", split, capitals_rows(countries, capitals_rng))
     return counts
 
 

@@ -175,6 +175,12 @@ def good_chat(answer="2021-03-05"):
     ("preference", json.dumps({"prompt": [{"role": "assistant", "content": "q"}], "chosen": "a", "rejected": "b"}),
      r"prompt\[0\]\.role: wrong role order"),
     ("prompt_answer", json.dumps({"prompt": "What is 2 + 2?"}), r":1: answer: missing field"),
+    ("multiple_choice", json.dumps({"question": "Capital of France?", "choices": ["Paris", "Paris"], "answer": 0}),
+     r":1: choices: the same choice appears twice"),
+    ("multiple_choice", json.dumps({"question": "Capital of France?", "choices": ["Paris", "Lyon"], "answer": 2}),
+     r":1: answer: expected the index of the right choice \(0\.\.1\), got 2"),
+    ("multiple_choice", json.dumps({"question": "Capital of France?", "choices": "Paris"}),
+     r":1: choices: expected a list of at least 2 non-empty strings"),
     ("image_messages", json.dumps({"messages": [{"role": "user", "content": "<image>\nWhat is it?"},
                                                 {"role": "assistant", "content": "red circle"}]}),
      r":1: images: expected a non-empty list of image file paths"),
@@ -241,6 +247,9 @@ def split_key(task, row):
         return json.loads(row["output"])["name"]
     if task == "pretraining":
         return row["text"]
+    if task == "capitals":  # the country, whichever way round the question asks
+        prefix = "What is the capital of "
+        return row["question"][len(prefix):-1] if row["question"].startswith(prefix) else row["choices"][row["answer"]]
     if task == "shapes":  # the picture itself: the same drawing must not reach two splits
         return (pathlib.Path(cb.data_files(task)["train"]).parent / row["images"][0]).read_bytes()
     return json.dumps(row["prompt"])
