@@ -22,7 +22,17 @@ case "$name" in
   *) echo "setup_env.sh: unknown environment '$name' (known: main, axolotl)" >&2; exit 2 ;;
 esac
 
-key="$( (cat "$reqs"; "$python" -c 'import sys; print(sys.version)'; command -v nvidia-smi || true) | sha256sum | cut -c1-12)"
+# llama-cpp-python is compiled here (see below). Not with -march=native: on CPUs with AMX (recent Xeons) that build
+# crashed (SIGSEGV) on the first token of any quantized GGUF, in a VM where AMX is advertised but not usable. The
+# instruction sets are named instead, from this CPU's flags, AMX left out. They are part of the environment's key.
+cpu_flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
+ggml_arch="-DGGML_NATIVE=OFF"
+for f in avx avx2 fma f16c bmi2 avx512; do
+  [[ " $cpu_flags " == *" ${f/avx512/avx512f} "* ]] && ggml_arch+=" -DGGML_${f^^}=ON"
+done
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF $ggml_arch}"
+key="$( (cat "$reqs"; "$python" -c 'import sys; print(sys.version)'; command -v nvidia-smi || true; [ "$name" = axolotl ] || echo "$CMAKE_ARGS") \
+  | sha256sum | cut -c1-12)"
 env_dir="$cache/envs/$name-$key"
 
 if [ -f "$env_dir/.complete" ]; then
@@ -45,9 +55,8 @@ else
   llama_pin="$(grep -i '^llama-cpp-python==' "$reqs" || true)"
   if [ -n "$llama_pin" ]; then
     # llama-cpp-python is published as source only: compiling it takes minutes on 2 cores. Build the wheel
-    # once into the cache, keyed by version, build flags and this CPU's instruction set (the build is
-    # -march=native), and let every later environment install it in seconds.
-    export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
+    # once into the cache, keyed by version, build flags (CMAKE_ARGS, above) and this CPU's flags, and let every
+    # later environment install it in seconds.
     cpu="$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-8)"
     wheels="$cache/wheels/${llama_pin/==/-}-$(echo "$CMAKE_ARGS" | sha256sum | cut -c1-8)-cpu$cpu"
     if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
