@@ -57,7 +57,7 @@ else
     # llama-cpp-python is published as source only: compiling it takes minutes on 2 cores. Build the wheel
     # once into the cache, keyed by version, build flags (CMAKE_ARGS, above) and this CPU's flags, and let every
     # later environment install it in seconds.
-    cpu="$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-8)"
+    cpu="$(echo "$cpu_flags" | sha256sum | cut -c1-8)"
     wheels="$cache/wheels/${llama_pin/==/-}-$(echo "$CMAKE_ARGS" | sha256sum | cut -c1-8)-cpu$cpu"
     if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
       echo "[setup] compiling $llama_pin once into $wheels (a few minutes)" >&2
