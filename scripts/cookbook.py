@@ -926,43 +926,146 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def serve(cmd: list, ready_url: str, log, timeout: float = 300, env: dict | None = None):
-    """Run a server (`cmd`) in the background for the body of a `with` block: its output goes to `log`, the block
-    starts once `ready_url` answers HTTP 200, and the server is always stopped afterwards, even on an error. A
-    server that exits or stays unready within `timeout` seconds raises with the tail of its log."""
-    import urllib.request
-    log = pathlib.Path(log)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
-    tail = lambda: "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-    try:
+class Server:
+    """A server (`cmd`) running in the background: its output goes to `log`, and the constructor returns once
+    `ready_url` answers HTTP 200. A server that exits or stays unready within `timeout` seconds raises with the tail
+    of its log. Stop it with `stop()` (or use it in a `with` block): the whole process group goes, since servers
+    such as vLLM run their engine in child processes. It also goes when this Python process ends, however it ends
+    (an `atexit` hook, and the kernel's death signal), so a failed cell never leaves a server behind."""
+
+    def __init__(self, cmd: list, ready_url: str, log, timeout: float = 300, env: dict | None = None):
+        import atexit
+        import signal
+        self.cmd, self.log = [str(c) for c in cmd], pathlib.Path(log)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+
+        def own_group_dies_with_us():
+            os.setsid()
+            with contextlib.suppress(Exception):
+                import ctypes
+                ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM if we die first
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            env={**os.environ, **(env or {})}, preexec_fn=own_group_dies_with_us)
+        atexit.register(self.stop)
+        start = time.monotonic()
+        try:
+            self._wait_ready(ready_url, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - start
+        print(f"server ready after {self.startup_s:.1f} s (pid {self.process.pid}, log {self.log})")
+
+    def _wait_ready(self, url: str, timeout: float) -> None:
+        import urllib.request
         start = time.monotonic()
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode} before it was ready; {log} ends:\n{tail()}")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode} before it was ready; "
+                                   f"{self.log} ends:\n{self.log_tail()}")
             with contextlib.suppress(OSError):
-                with urllib.request.urlopen(ready_url, timeout=5) as response:
+                with urllib.request.urlopen(url, timeout=5) as response:
                     if response.status == 200:
-                        break
+                        return
             if time.monotonic() - start > timeout:
-                raise TimeoutError(f"{ready_url} did not answer within {timeout:.0f} s; {log} ends:\n{tail()}")
+                raise TimeoutError(f"{url} did not answer within {timeout:.0f} s; {self.log} ends:\n{self.log_tail()}")
             time.sleep(0.5)
-        print(f"server ready after {time.monotonic() - start:.1f} s (pid {proc.pid}, log {log})")
-        yield proc
-    finally:
+
+    def log_tail(self, lines: int = 25) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server and all its child processes (vLLM's engine runs in one), in MiB."""
+        import psutil
+        root = psutil.Process(self.process.pid)
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total / 2**20
+
+    def stop(self) -> None:
         import signal
-        # The whole process group: servers such as vLLM run their engine in child processes.
+        if self.process.poll() is not None:
+            return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+@contextlib.contextmanager
+def serve(cmd: list, ready_url: str, log, timeout: float = 300, env: dict | None = None):
+    """`Server` for the body of a `with` block, yielding the server's process."""
+    with Server(cmd, ready_url, log, timeout, env) as server:
+        yield server.process
+
+
+def _chat_client(base_url: str):
+    from openai import OpenAI
+    return OpenAI(base_url=base_url, api_key="not-needed", timeout=300, max_retries=0)
+
+
+def server_answers(base_url: str, model: str, concurrency: int = 8, extra_body: dict | None = None):
+    """An `answer(conversations, max_new_tokens)` for `evaluate_answers` that asks an OpenAI-compatible server for
+    greedy chat answers, `concurrency` requests at a time, in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+    client = _chat_client(base_url)
+
+    def answer(conversations, max_new_tokens):
+        def one(messages):
+            reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_new_tokens,
+                                                   temperature=0, extra_body=extra_body)
+            return reply.choices[0].message.content or ""
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(one, conversations))
+    return answer
+
+
+def load_test(base_url: str, model: str, conversations: list, concurrency: int, max_tokens: int = 32,
+              extra_body: dict | None = None) -> dict:
+    """Send every conversation once as a streamed chat request, `concurrency` in flight at a time, and measure
+    what a user and an operator see: requests/s and output tokens/s over the whole run, time to first token
+    (TTFT) and request latency at the median and the 95th percentile. The same measure for every server."""
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+    client = _chat_client(base_url)
+
+    def one(messages):
+        start, first, pieces, tokens = time.perf_counter(), None, 0, None
+        stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                temperature=0, stream=True, stream_options={"include_usage": True},
+                                                extra_body=extra_body)
+        for chunk in stream:
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first if first is not None else time.perf_counter() - start
+                pieces += 1
+        # A server that reports no usage on streams (llama_cpp.server) sends one token per chunk.
+        return first if first is not None else time.perf_counter() - start, time.perf_counter() - start, tokens or pieces
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, conversations))
+    wall = time.perf_counter() - start
+    ttft, latency, tokens = (list(x) for x in zip(*results))
+    p95 = lambda xs: statistics.quantiles(xs, n=20, method="inclusive")[-1] if len(xs) > 1 else xs[0]
+    return {"concurrency": concurrency, "requests": len(results), "wall_s": round(wall, 2),
+            "requests_per_s": len(results) / wall, "output_tokens_per_s": sum(tokens) / wall,
+            "ttft_p50_s": statistics.median(ttft), "latency_p50_s": statistics.median(latency),
+            "latency_p95_s": p95(latency)}
 
 
 # ====================================================================== artefacts between notebooks

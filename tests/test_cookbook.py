@@ -422,6 +422,96 @@ def test_serve_waits_until_ready_and_always_stops_the_server(tmp_path):
             pass
 
 
+def test_server_dies_with_the_python_process_that_started_it(tmp_path):
+    # A notebook kernel that dies (a failed papermill run, a restart) must not leave its server behind.
+    port = cb.free_port()
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT / "scripts")!r})
+        import cookbook as cb
+        server = cb.Server([sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
+                           "http://127.0.0.1:{port}/", {str(tmp_path / "s.log")!r}, timeout=30)
+        print("PID", server.process.pid, round(server.rss_mb()), flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    line = next(line for line in parent.stdout if line.startswith("PID "))
+    pid, rss = map(int, line.split()[1:])
+    assert rss > 5, "rss_mb() should read the server's resident memory"
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and pathlib.Path(f"/proc/{pid}").exists() \
+            and "Z" not in pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2]:
+        time.sleep(0.2)
+    alive = pathlib.Path(f"/proc/{pid}").exists() and "Z" not in pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert not alive, "the server outlived the process that started it"
+
+
+FAKE_OPENAI = textwrap.dedent("""
+    # A stand-in for an OpenAI-compatible server: answers every chat request with the words of the last user
+    # message reversed, one word per streamed chunk, after 0.2 s; reports usage on streams like vLLM.
+    import json, sys, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200); self.end_headers(); self.wfile.write(b"{}")
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            words = body["messages"][-1]["content"].split()[::-1][:body.get("max_tokens", 99)]
+            time.sleep(0.2)
+            if not body.get("stream"):
+                reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": " ".join(words)}}]}
+                data = json.dumps(reply).encode()
+                self.send_response(200); self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+                return
+            self.send_response(200); self.send_header("Content-Type", "text/event-stream"); self.end_headers()
+            for word in words:
+                chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\\n\\n".encode())
+            usage = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"], "choices": [],
+                     "usage": {"prompt_tokens": 1, "completion_tokens": len(words), "total_tokens": len(words) + 1}}
+            self.wfile.write(f"data: {json.dumps(usage)}\\n\\ndata: [DONE]\\n\\n".encode())
+
+    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+""")
+
+
+@pytest.fixture
+def fake_openai(tmp_path):
+    (tmp_path / "fake.py").write_text(FAKE_OPENAI)
+    port = cb.free_port()
+    with cb.Server([sys.executable, tmp_path / "fake.py", port], f"http://127.0.0.1:{port}/health",
+                   tmp_path / "fake.log", timeout=30):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+def test_server_answers_keeps_the_order_of_the_conversations(fake_openai):
+    conversations = [[{"role": "user", "content": f"q{i} a{i} b{i}"}] for i in range(6)]
+    assert cb.server_answers(fake_openai, "m", concurrency=3)(conversations, 2) == [f"b{i} a{i}" for i in range(6)]
+
+
+def test_load_test_measures_throughput_and_latency_at_a_concurrency(fake_openai):
+    conversations = [[{"role": "user", "content": "one two three four"}]] * 8
+    serial = cb.load_test(fake_openai, "m", conversations, concurrency=1, max_tokens=3)
+    parallel = cb.load_test(fake_openai, "m", conversations, concurrency=8, max_tokens=3)
+    assert serial["requests"] == 8 and serial["concurrency"] == 1
+    assert serial["output_tokens_per_s"] == pytest.approx(3 * serial["requests_per_s"])  # usage: 3 tokens each
+    assert 0.2 <= serial["latency_p50_s"] <= serial["latency_p95_s"] and serial["ttft_p50_s"] <= serial["latency_p50_s"]
+    assert serial["wall_s"] >= 8 * 0.2
+    # The fake answers requests in parallel, as a batching server does: 8 in flight take about as long as one.
+    assert parallel["requests_per_s"] > 3 * serial["requests_per_s"]
+
+
 # ---------------------------------------------------------------- tools in their own environments
 def test_logged_metrics_reads_the_dicts_a_trainer_prints():
     output = ("  5%| 1/20 [00:03<00:57]{'loss': '0.4956', 'grad_norm': '1.242', 'epoch': '0.01'}\n"
