@@ -59,6 +59,56 @@ def execute(path: pathlib.Path, timeout: int) -> tuple[bool, float, str]:
     return not error, time.perf_counter() - start, error
 
 
+def collect_losses(notebook: str, outputs: pathlib.Path | None = None) -> pathlib.Path | None:
+    """Save the loss curve of every training run a notebook made, for the report: each run's Trainer writes its
+    log history into trainer_state.json at every checkpoint under outputs/<notebook>/; the last one holds it all.
+    Written to results/<profile>/losses/<notebook>.json as {run: [[step, loss], ...]}; None when it trained nothing."""
+    folder = (outputs or cb.ROOT / "outputs") / notebook
+    last = {}
+    for state in folder.rglob("checkpoint-*/trainer_state.json"):
+        run, step = state.parent.parent.relative_to(folder).as_posix(), int(state.parent.name.rsplit("-", 1)[1])
+        if step >= last.get(run, (-1, None))[0]:
+            last[run] = (step, state)
+    curves = {}
+    for run, (_, state) in sorted(last.items()):
+        history = json.loads(state.read_text())["log_history"]
+        points = [[e["step"], e["loss"]] for e in history if isinstance(e.get("loss"), (int, float))]
+        if points:
+            curves[run if run != "." else "run"] = points
+    if not curves:
+        return None
+    path = cb.RESULTS_DIR / cb.get_profile().name / "losses" / f"{notebook}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(curves, indent=1) + "\n")
+    return path
+
+
+def _loss_plot(folder: pathlib.Path) -> list[str]:
+    """One small panel per notebook with its runs' training loss against the step; returns the image file name."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    files = sorted((cb.RESULTS_DIR / cb.get_profile().name / "losses").glob("*.json"))
+    if not files:
+        return []
+    columns = min(3, len(files))
+    rows = -(-len(files) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows), squeeze=False)
+    for ax, file in zip(axes.flat, files):
+        for run, points in json.loads(file.read_text()).items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=run[:30])
+        ax.set(title=file.stem[:40], xlabel="step", ylabel="training loss")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(files):]:
+        ax.axis("off")
+    fig.tight_layout()
+    name = "report_loss_curves.png"
+    fig.savefig(folder / name, dpi=100)
+    plt.close(fig)
+    return [name]
+
+
 def _cell(value) -> str:
     if value is None:
         return ""
@@ -121,7 +171,7 @@ def write_report(status: dict, folder: pathlib.Path | None = None) -> pathlib.Pa
                   "One row per technique a notebook recorded; every field is in `results/<profile>/*.json`.", "",
                   "| " + " | ".join(REPORT_COLUMNS[k] for k in keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in rows]
-        images = _plots(rows, folder)
+        images = _plots(rows, folder) + _loss_plot(folder)
         if images:
             lines += ["", "## Plots", ""] + [f"![{name[7:-4].replace('_', ' ')}]({name})" for name in images]
     text = "\n".join(lines) + "\n"
@@ -161,6 +211,7 @@ def main() -> int:
             tqdm.write(f"skip   {name} (succeeded before, unchanged)")
             continue
         ok, wall, error = execute(path, args.timeout)
+        collect_losses(path.stem)
         status[name] = {"ok": ok, "wall_s": round(wall, 1), "error": error, "digest": digest(path)}
         STATUS.parent.mkdir(parents=True, exist_ok=True)
         STATUS.write_text(json.dumps(status, indent=2, sort_keys=True) + "\n")

@@ -1,4 +1,5 @@
 """The series report (scripts/run_series.py), rendered from a small fixture of result files: no notebook runs."""
+import json
 import pathlib
 import sys
 
@@ -17,6 +18,15 @@ def test_report_tables_every_technique_names_the_failure_and_draws_the_plots(tmp
                      preference_rate=0.57, score=0.8)
     cb.record_result("09_Post_Training_Quantization_for_GGUF_llama_cpp", "Q4_K_M", task="dates", perplexity=16.466,
                      size_mb=100.6, score=0.82)
+    outputs = tmp_path / "outputs"  # what a Trainer leaves: log history in each checkpoint's trainer_state.json
+    for step in (10, 20):
+        state = outputs / "01_SFT_with_TRL_and_LoRA" / f"checkpoint-{step}" / "trainer_state.json"
+        state.parent.mkdir(parents=True)
+        state.write_text(json.dumps({"log_history": [{"step": s, "loss": 2.0 / s} for s in range(1, step + 1)]
+                                     + [{"step": step, "eval_loss": 0.5}]}))
+    assert run_series.collect_losses("04_Aligning_with_DPO_using_TRL", outputs) is None
+    curves = json.loads(run_series.collect_losses("01_SFT_with_TRL_and_LoRA", outputs).read_text())
+    assert list(curves) == ["run"] and len(curves["run"]) == 20 and curves["run"][-1] == [20, 0.1]
     status = {"Part_1/01.ipynb": {"ok": True, "wall_s": 314.5, "error": ""},
               "Part_2/04.ipynb": {"ok": False, "wall_s": 12.0, "error": "cell 15: AssertionError: rate fell"}}
 
@@ -29,7 +39,7 @@ def test_report_tables_every_technique_names_the_failure_and_draws_the_plots(tmp
                                        "held-out score", "preference rate", "perplexity", "size (MiB) |"]
     assert "| 01_SFT_with_TRL_and_LoRA | LoRA SFT (TRL) | dates | 4,884,480 | 199.6 | 127.7 | 0.11 | 0.89 |  |  |  |" in report
     assert "| 09_Post_Training_Quantization_for_GGUF_llama_cpp | Q4_K_M | dates |  |  |  |  | 0.82 |  | 16.47 | 100.6 |" in report
-    for image in ("report_score_vs_time.png", "report_size_vs_perplexity.png"):
+    for image in ("report_score_vs_time.png", "report_size_vs_perplexity.png", "report_loss_curves.png"):
         assert f"]({image})" in report and (tmp_path / image).stat().st_size > 1000
     html = (tmp_path / "REPORT.html").read_text()
     assert "<table>" in html and "FAILED at cell 15" in html and 'src="report_size_vs_perplexity.png"' in html
