@@ -38,11 +38,11 @@ key="$( (cat "$reqs"; "$python" -c 'import sys; print(sys.version)'; command -v 
   | sha256sum | cut -c1-12)"
 env_dir="$cache/envs/$name-$key"
 
-# Byte-compile the environment once. pip runs with --no-compile (faster installs) and machines like CI's set
-# PYTHONDONTWRITEBYTECODE=1, so without this every Python process (each notebook kernel, each `axolotl` or vLLM
-# start) compiles its imports from source again: 10-15 s a process here. Done once, marked by .compiled, and also
-# for an environment built before this step existed. (Some template files in site-packages are not valid Python:
-# compileall reports them and carries on.)
+# Byte-compile the environment once. pip runs with --no-compile and this machine sets PYTHONDONTWRITEBYTECODE=1,
+# so without this every Python process (each notebook kernel, each `axolotl` or vLLM start) compiles its imports
+# from source again: 10-15 s a process here. A separate step rather than pip's own compiling: it runs on every core,
+# and it also reaches an environment built before this step existed (marked by .compiled once done). (Some
+# template files in site-packages are not valid Python: compileall reports them and carries on.)
 byte_compile() {
   [ -f "$env_dir/.compiled" ] && return 0
   local t=$SECONDS
