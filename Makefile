@@ -8,15 +8,19 @@ SHELL := /bin/bash
 
 .PHONY: run test env
 
+# The three environments build side by side: each is its own folder, and on a cold machine the tools' downloads
+# overlap the main environment's llama-cpp-python compile (the longest step). `wait` fails the target with
+# the first build that failed.
+SETUP = scripts/setup_env.sh axolotl >/dev/null & axolotl=$$!; scripts/setup_env.sh vllm >/dev/null & vllm=$$!; \
+	env_dir=$$(scripts/setup_env.sh main); wait $$axolotl; wait $$vllm
+
 env:
-	@scripts/setup_env.sh main >/dev/null
-	@scripts/setup_env.sh axolotl >/dev/null
-	@scripts/setup_env.sh vllm >/dev/null
+	@$(SETUP)
 
 run:
-	@scripts/setup_env.sh axolotl >/dev/null; scripts/setup_env.sh vllm >/dev/null; env_dir=$$(scripts/setup_env.sh main); "$$env_dir/bin/python" scripts/run_series.py $(ARGS)
+	@$(SETUP); "$$env_dir/bin/python" scripts/run_series.py $(ARGS)
 
 test:
-	@scripts/setup_env.sh axolotl >/dev/null; scripts/setup_env.sh vllm >/dev/null; env_dir=$$(scripts/setup_env.sh main); start=$$SECONDS; \
+	@$(SETUP); start=$$SECONDS; \
 	"$$env_dir/bin/python" -m pytest $(ARGS); \
 	echo "[test] whole test command: $$((SECONDS - start)) s after setup"

@@ -547,32 +547,59 @@ def preference_judge(records: list[dict]) -> dict[str, float]:
             "correct_on_real_dates": rate(real)}
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 16,
-             progress: bool = True) -> list[str]:
-    """Greedy answers to chat conversations, batched with left padding; returns the decoded new text only.
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 64,
+             progress: bool = True, reuse_prefix: bool = True) -> list[str]:
+    """Greedy answers to chat conversations, batched; returns the decoded new text only.
 
     Answers always come from eval mode, and the model is handed back in the mode it came in: right after
     `trainer.train()` a model is in train mode, where dropout is on and gradient checkpointing turns the KV
     cache off, and a left-padded batch generated there comes out as garbage.
+
+    A task's prompts share a long beginning (the system prompt and the instruction: ~70 of a dates prompt's ~85
+    tokens). With `reuse_prefix` that shared prefix runs through the model once and its KV cache is copied into
+    every batch, which then only prefills each row's own tokens (padded between prefix and row, where the
+    attention mask hides the pads) -- the prefix caching vLLM and llama.cpp do by themselves. Same tokens, same
+    positions, same greedy answers; prefill shrinks ~4x. Batches of 64: a decoding step reads every weight once
+    whatever the batch (65 ms at 1 row, 138 ms at 16, 301 ms at 64 on a 2-core CPU), so wide batches amortise it.
+    Measured on the 100 dates test rows: 32 s with batches of 16 and no reuse, 15 s now, identical answers.
     """
+    import copy
     import torch
     from tqdm.auto import tqdm
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    shared = 0
+    if reuse_prefix and rows:
+        # The longest common prefix of the token ids, leaving every row at least one token of its own.
+        shortest = min(len(r) for r in rows) - 1
+        while shared < shortest and all(r[shared] == rows[0][shared] for r in rows):
+            shared += 1
     was_training = model.training
     model.eval()
     answers = []
     try:
-        batches = range(0, len(conversations), batch_size)
-        for start in tqdm(batches, desc="generating", disable=not progress, leave=False):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                     for c in conversations[start:start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        prefix_cache = None
+        if shared:
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                prefix_cache = model(input_ids=torch.tensor([rows[0][:shared]], device=model.device),
+                                     use_cache=True).past_key_values
+        for start in tqdm(range(0, len(rows), batch_size), desc="generating", disable=not progress, leave=False):
+            batch = [r[shared:] for r in rows[start:start + batch_size]]
+            width = max(len(r) for r in batch)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            # [shared prefix][pads][row]: left padding of each row's own part; positions come from the mask.
+            input_ids = torch.tensor([rows[0][:shared] + [pad] * (width - len(r)) + r for r in batch], device=model.device)
+            attention_mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in batch],
+                                          device=model.device)
+            kwargs = {}
+            if prefix_cache is not None:
+                kwargs["past_key_values"] = copy.deepcopy(prefix_cache)
+                kwargs["past_key_values"].batch_repeat_interleave(len(batch))
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=pad, **kwargs)
+            answers += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return [a.strip() for a in answers]
 
@@ -580,7 +607,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
 MAX_NEW_TOKENS = {"dates": 16, "preference": 16, "json_extraction": 48, "arithmetic": 64, "shapes": 8}
 
 
-def evaluate(model, tokenizer, task: str, split: str = "test", limit: int | None = None, batch_size: int = 16):
+def evaluate(model, tokenizer, task: str, split: str = "test", limit: int | None = None, batch_size: int = 64):
     """Score a model on one of our tasks' held-out split. Returns (metrics, rows of prompt/reference/prediction)."""
     return evaluate_answers(lambda conversations, max_new_tokens:
                             generate(model, tokenizer, conversations, max_new_tokens, batch_size), task, split, limit)

@@ -77,6 +77,18 @@ def test_generate_answers_in_eval_mode_and_restores_train_mode(model_and_tokeniz
         model.eval()
 
 
+def test_generate_reusing_the_shared_prefix_gives_the_plain_answers(model_and_tokenizer):
+    # Rows of different lengths after a shared instruction, in batches of 3: pads sit between prefix and row.
+    model, tokenizer = model_and_tokenizer
+    rows = cb.load_data("dates", "test").select(range(7))
+    conversations = [cb.to_messages(row, "messages")[0] for row in rows]
+    lengths = {len(tokenizer.apply_chat_template(c, tokenize=False)) for c in conversations}
+    assert len(lengths) > 1, "the test needs rows of different lengths"
+    plain = cb.generate(model, tokenizer, conversations, max_new_tokens=12, batch_size=3, progress=False, reuse_prefix=False)
+    reused = cb.generate(model, tokenizer, conversations, max_new_tokens=12, batch_size=3, progress=False)
+    assert reused == plain
+
+
 def test_embedded_folder_is_a_normal_trainable_checkpoint(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     path = cb.embedded_model_dir()
