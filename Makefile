@@ -12,7 +12,13 @@ SHELL := /bin/bash
 # overlap the main environment's llama-cpp-python compile (the longest step). `wait` fails the target with
 # the first build that failed.
 SETUP = scripts/setup_env.sh axolotl >/dev/null & axolotl=$$!; scripts/setup_env.sh vllm >/dev/null & vllm=$$!; \
-	env_dir=$$(scripts/setup_env.sh main); wait $$axolotl; wait $$vllm
+	env_dir=$$(scripts/setup_env.sh main); wait $$axolotl; wait $$vllm; $(TCMALLOC)
+
+# tcmalloc where the machine has it (Debian's libtcmalloc-minimal4; setup_env.sh installs it when it can): the
+# default allocator returns the large per-step buffers (logits, activations) to the kernel and faults them in again
+# at every step. Seen on a 2-core AMD EPYC: kernel time in a 45 s LoRA SFT run fell from ~7 s to ~2.5 s, same losses.
+TCMALLOC = tc=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4; \
+	if [ -f $$tc ]; then export LD_PRELOAD=$$tc TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776; fi
 
 env:
 	@$(SETUP)
