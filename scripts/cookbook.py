@@ -574,6 +574,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
         shortest = min(len(r) for r in rows) - 1
         while shared < shortest and all(r[shared] == rows[0][shared] for r in rows):
             shared += 1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     answers = []
@@ -586,7 +587,6 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
         for start in tqdm(range(0, len(rows), batch_size), desc="generating", disable=not progress, leave=False):
             batch = [r[shared:] for r in rows[start:start + batch_size]]
             width = max(len(r) for r in batch)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             # [shared prefix][pads][row]: left padding of each row's own part; positions come from the mask.
             input_ids = torch.tensor([rows[0][:shared] + [pad] * (width - len(r)) + r for r in batch], device=model.device)
             attention_mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in batch],
