@@ -41,6 +41,19 @@ def test_unknown_profile_names_the_choices(monkeypatch):
         cb.get_profile()
 
 
+def test_fast_dtype_is_16_bit_only_where_the_cpu_computes_it(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu sse avx2 fma\n")                # AVX2 only: bf16 matmuls run in generic code
+    assert cb.fast_dtype(info) == "float32"
+    info.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cb.fast_dtype(info) == "bfloat16"
+    info.write_text("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    assert cb.fast_dtype(info) == "bfloat16"
+    assert cb.fast_dtype(tmp_path / "absent") == "float32"           # no /proc (macOS): the safe choice
+
+
 def test_profiles_differ_only_in_parameters():
     cpu, gpu = cb.PROFILES["cpu"], cb.PROFILES["gpu"]
     assert type(cpu) is type(gpu)
