@@ -2,11 +2,12 @@
 # tools' own: Axolotl's (Part 3 runs its CLI from there) and vLLM's (Part 5 runs its server from there).
 #   make run    set up, then run the series' main job on the embedded default (results/REPORT.md)
 #   make test   set up, then run every test: unit tests of scripts/ and all notebooks through nbval
+#   make outputs  run notebooks (e.g. ARGS="--only 07"), then copy their outputs into them, ready to commit
 # Pass options through ARGS, e.g.  make run ARGS="--only 00b"   or   make test ARGS="-k validation".
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: run test env
+.PHONY: run test env outputs
 
 # The three environments build side by side: each is its own folder, and on a cold machine the tools' downloads
 # overlap the main environment's llama-cpp-python compile (the longest step). `wait` fails the target with
@@ -25,6 +26,9 @@ env:
 
 run:
 	@$(SETUP); "$$env_dir/bin/python" scripts/run_series.py $(ARGS)
+
+outputs:
+	@$(SETUP); "$$env_dir/bin/python" scripts/run_series.py $(ARGS); "$$env_dir/bin/python" scripts/notebook_outputs.py adopt
 
 test:
 	@$(SETUP); start=$$SECONDS; \

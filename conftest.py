@@ -1,16 +1,22 @@
-"""Per-notebook timing table, refreshed by every test run that executes notebooks (nbval).
+"""Per-notebook timing table and executed copies, refreshed by every test run that executes notebooks (nbval).
 
 For each notebook: wall time (kernel start to the last cell), the kernel's peak resident memory (VmHWM), the
 outcome, its three slowest cells (where to look first when a notebook must get faster) and the machine. Written
 to results/timings.json (merged: notebooks not run this time keep their last figures) and rendered as
-results/TIMINGS.md with one total per machine.
+results/TIMINGS.md with one total per machine. Each notebook that ran whole and passed is also saved with its outputs (cleaned and
+stamped with its code's digest) to results/executed/, from where `python scripts/notebook_outputs.py adopt` copies
+them into the committed notebooks.
 """
 import datetime as dt
 import json
 import os
 import pathlib
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import notebook_outputs  # noqa: E402
+
 TIMINGS_JSON = ROOT / "results" / "timings.json"
 TIMINGS_MD = ROOT / "results" / "TIMINGS.md"
 _runs: dict[str, dict] = {}
@@ -44,6 +50,17 @@ def pytest_runtest_teardown(item):
     if peak is not None:
         run = _runs.setdefault(notebook, {"wall_s": 0.0, "cells": 0, "failed": 0, "peak_rss_mb": 0.0})
         run["peak_rss_mb"] = max(run["peak_rss_mb"], peak)
+    if notebook and getattr(item, "test_outputs", None) is not None:
+        nb = item.parent.nb  # nbval's copy of the notebook: each cell gets its outputs as it runs
+        item.cell.outputs = notebook_outputs.clean(item.test_outputs)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        item.cell.execution_count = 1 + sum(c.get("execution_count") is not None for c in code if c is not item.cell)
+        run = _runs.get(notebook, {})
+        # Saved when its last cell has run, if every cell ran (not a -k slice) and passed.
+        if item.cell is code[-1] and run.get("cells") == len(code) and not run.get("failed"):
+            when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            notebook_outputs.stamp(nb, notebook_outputs.machine(), f"make test, {when}")
+            notebook_outputs.write_executed(nb, ROOT / notebook)
 
 
 def pytest_runtest_logreport(report):
@@ -57,16 +74,6 @@ def pytest_runtest_logreport(report):
         run.setdefault("cell_s", {})[report.nodeid.split("::", 1)[-1]] = report.duration
     if report.failed:
         run["failed"] += 1
-
-
-def machine() -> str:
-    """e.g. "AMD EPYC, 2 cores, avx2": the same notebook runs 2-3x slower on some CPUs of the same size."""
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    simd = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
-    return f"{name}, {len(os.sched_getaffinity(0))} cores, {simd}"
 
 
 def render_markdown(timings: dict) -> str:
@@ -103,7 +110,7 @@ def pytest_sessionfinish(session):
                          "cells": run["cells"], "outcome": "failed" if run["failed"] else "passed",
                          "slowest_cells": [[cell, round(s, 1)] for cell, s in
                                            sorted(run.get("cell_s", {}).items(), key=lambda kv: -kv[1])[:3]],
-                         "profile": profile, "measured_at": stamp, "machine": machine()}
+                         "profile": profile, "measured_at": stamp, "machine": notebook_outputs.machine()}
     TIMINGS_JSON.parent.mkdir(exist_ok=True)
     TIMINGS_JSON.write_text(json.dumps(timings, indent=2, sort_keys=True) + "\n")
     TIMINGS_MD.write_text(render_markdown(timings))

@@ -769,18 +769,31 @@ def results_file(notebook: str, profile: Profile | None = None) -> pathlib.Path:
     return RESULTS_DIR / (profile or get_profile()).name / f"{notebook}.json"
 
 
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    """Readers of the file (other notebooks, the report) see the old text or the new, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+_RECORDED_THIS_RUN: set[pathlib.Path] = set()
+
+
 def record_result(notebook: str, technique: str, **metrics) -> pathlib.Path:
-    """Write one technique's measured numbers to results/<profile>/<notebook>.json (one entry per technique;
-    rerunning a notebook replaces its own entries and nothing else). Values must be JSON numbers/strings."""
+    """Write one technique's measured numbers to results/<profile>/<notebook>.json. The first record of a notebook
+    run (a kernel) starts the file afresh, so entries an older version of the notebook recorded never linger;
+    later records of the same run add or replace one technique each. Values must be JSON numbers/strings."""
     bad = {k: type(v).__name__ for k, v in metrics.items() if not isinstance(v, (int, float, str, bool, type(None)))}
     if bad:
         raise TypeError(f"record_result: metrics must be plain numbers or strings, got {bad}")
     path = results_file(notebook)
-    data = json.loads(path.read_text()) if path.exists() else {"notebook": notebook, "entries": {}}
+    fresh = path not in _RECORDED_THIS_RUN or not path.exists()
+    data = {"notebook": notebook, "entries": {}} if fresh else json.loads(path.read_text())
+    _RECORDED_THIS_RUN.add(path)
     data["entries"][technique] = {"technique": technique, **metrics}
     data["profile"] = get_profile().name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    _write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -809,6 +822,8 @@ def run_dir(name: str) -> pathlib.Path:
     """outputs/<name>/ for a notebook's checkpoints and logs. A rerun starts clean: the old folder is removed
     (it only ever holds what this notebook wrote before), and the removal is printed."""
     import shutil
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+        raise ValueError(f"run_dir: {name!r} is not a plain folder name (letters, digits, '_', '-', '.')")
     path = ROOT / "outputs" / name
     if path.exists():
         shutil.rmtree(path)
@@ -1139,15 +1154,23 @@ ARTEFACTS = {a.name: a for a in (
 ARTEFACT_MARKER = "artefact.json"
 
 
-def artefact_key(name: str, profile: Profile | None = None) -> str:
-    """The recipe hash of an artefact: its notebook's code, our datasets, the pinned requirements, the profile and
-    the embedded model's build. Change any of them and the artefact is rebuilt; change nothing and it is reused."""
-    import hashlib
+def _code_cells(notebook: str) -> list[str]:
     import nbformat
+    return [c.source for c in nbformat.read(ROOT / notebook, as_version=4).cells if c.cell_type == "code"]
+
+
+def artefact_key(name: str, profile: Profile | None = None) -> str:
+    """The recipe hash of an artefact: its notebook's code, the keys of the artefacts that notebook builds on, this
+    helper's code, our datasets, the pinned requirements, the profile and the embedded model's build. Change any of
+    them and the artefact is rebuilt (01 changed: 04's DPO adapter, trained on 01's model, is rebuilt too)."""
+    import hashlib
     art, profile = ARTEFACTS[name], profile or get_profile()
     h = hashlib.sha256()
-    nb = nbformat.read(ROOT / art.notebook, as_version=4)
-    h.update(json.dumps([c.source for c in nb.cells if c.cell_type == "code"]).encode())
+    code = _code_cells(art.notebook)
+    h.update(json.dumps(code).encode())
+    upstream = sorted(set(re.findall(r"cb\.artefact\(\s*[\"'](\w+)[\"']", "\n".join(code))) - {name})
+    h.update(" ".join(f"{up}={artefact_key(up, profile)}" for up in upstream).encode())
+    h.update(pathlib.Path(__file__).read_bytes())
     for path in sorted(DATA_DIR.glob("*/*.jsonl")):
         h.update(path.relative_to(DATA_DIR).as_posix().encode() + path.read_bytes())
     h.update((ROOT / "requirements.txt").read_bytes())
@@ -1171,7 +1194,7 @@ def seal_artefact(name: str, **info) -> pathlib.Path:
         raise FileNotFoundError(f"{path} lacks {missing}: save them before sealing the artefact")
     record = {"name": name, "notebook": ARTEFACTS[name].notebook, "key": path.name.rsplit("-", 1)[-1],
               "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **info}
-    (path / ARTEFACT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    _write_atomically(path / ARTEFACT_MARKER, json.dumps(record, indent=2) + "\n")
     return path
 
 

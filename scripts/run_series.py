@@ -19,13 +19,13 @@ import pathlib
 import sys
 import time
 
-import nbformat
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import cookbook as cb  # noqa: E402
+import notebook_outputs  # noqa: E402
 
-EXECUTED = cb.RESULTS_DIR / "executed"
+EXECUTED = notebook_outputs.EXECUTED
 STATUS = EXECUTED / "status.json"
 # The comparison table: one row per technique a notebook recorded, these columns where any row has them.
 REPORT_COLUMNS = {"notebook": "notebook", "technique": "technique", "task": "task",
@@ -50,12 +50,16 @@ def digest(path: pathlib.Path) -> str:
 
 
 def execute(path: pathlib.Path, timeout: int) -> tuple[bool, float, str]:
-    """Run one notebook in a fresh kernel, cell by cell with a progress bar; save the executed copy."""
+    """Run one notebook in a fresh kernel, cell by cell with a progress bar; save the executed copy, its outputs
+    cleaned and stamped with its code's digest (`notebook_outputs.py adopt` takes it into the notebook if it passed)."""
     start = time.perf_counter()
     nb, error = cb.run_notebook(path, timeout=timeout)
-    out = EXECUTED / path.parent.name / path.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, str(out))
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = notebook_outputs.clean(cell.outputs)
+    if not error:
+        notebook_outputs.stamp(nb, notebook_outputs.machine(), f"make run, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    notebook_outputs.write_executed(nb, path)
     return not error, time.perf_counter() - start, error
 
 

@@ -647,7 +647,51 @@ def test_run_dir_starts_clean_and_says_so(tmp_path, monkeypatch, capsys):
     assert "removed the previous run's outputs in outputs/01_x/" in capsys.readouterr().out
 
 
+def test_run_dir_refuses_anything_but_a_plain_folder_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(cb, "ROOT", tmp_path)
+    for name in ("..", "", "/etc", "a/../..", "../x", ".hidden", "a/b"):
+        with pytest.raises(ValueError, match="not a plain folder name"):
+            cb.run_dir(name)
+    assert cb.run_dir("07_Reproducible_Finetuning_with_Axolotl").is_dir()
+
+
+def test_a_notebook_run_drops_the_entries_an_older_run_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(cb, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(cb, "_RECORDED_THIS_RUN", set())
+    cb.record_result("14_serve", "W4 in bf16", score=0.5)          # an older version of the notebook
+    monkeypatch.setattr(cb, "_RECORDED_THIS_RUN", set())         # a new kernel: the notebook runs again
+    cb.record_result("14_serve", "full precision", score=0.6)
+    cb.record_result("14_serve", "W4 in fp32", score=0.55)
+    entries = json.loads(cb.results_file("14_serve").read_text())["entries"]
+    assert sorted(entries) == ["W4 in fp32", "full precision"]
+
+
+def test_a_write_killed_midway_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    monkeypatch.setattr(cb, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(cb, "_RECORDED_THIS_RUN", set())
+    path = cb.record_result("01_sft", "lora", score=0.5)
+    before = path.read_text()
+
+    def killed(self, text):
+        self.write_bytes(text[:10].encode())   # what a kill leaves behind: a truncated file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cb.record_result("01_sft", "base", score=0.1)
+    monkeypatch.undo()
+    assert path.read_text() == before and json.loads(before)["entries"]["lora"]["score"] == 0.5
+
+
 # ---------------------------------------------------------------- artefacts
+def test_an_artefact_is_rebuilt_when_an_artefact_it_builds_on_changed(monkeypatch):
+    real = cb._code_cells
+    keys = {name: cb.artefact_key(name) for name in cb.ARTEFACTS}
+    monkeypatch.setattr(cb, "_code_cells", lambda nb: real(nb) + (["# 01 changed"] if nb.startswith("Part_1") and
+                                                                   "01_SFT" in nb else []))
+    changed = {name for name in cb.ARTEFACTS if cb.artefact_key(name) != keys[name]}
+    assert {"sft_lora", "dpo_lora", "autoround_w4"} <= changed, changed   # 04 and 10 train/quantize 01's model
+    assert "sft_json" not in changed and "sft_full" not in changed
 def test_artefact_key_follows_the_producing_notebook(tmp_path, monkeypatch):
     nb = tmp_path / "producer.ipynb"
     make_notebook(nb, ["x = 1"])
@@ -728,7 +772,7 @@ def test_timings_table_totals_per_machine_and_lists_the_slowest_cells():
     assert "**total (2 notebooks)** | | **150.0** | **1000** (max) | | | | | fast |" in md
     assert "**total (1 notebooks)** | | **300.0** | **2000** (max) | | | | | slow |" in md
     assert "450.0" not in md, "times of different machines must not be added up"
-    assert "cores" in conftest.machine()
+    assert "cores" in conftest.notebook_outputs.machine()
 
 
 def test_every_artefact_names_an_existing_notebook_and_its_parts():
