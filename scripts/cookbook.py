@@ -110,6 +110,21 @@ def fast_dtype(cpuinfo: str = "/proc/cpuinfo") -> str:
     return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
+def machine(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """e.g. "AMD EPYC, 2 cores, avx2": recorded with every measurement, because the same code runs 1.4-3x faster
+    on some CPUs of the same size, and speed ratios between runtimes differ from one CPU model to the next."""
+    lines = pathlib.Path(cpuinfo).read_text().splitlines() if pathlib.Path(cpuinfo).exists() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    simd = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
+    bf16 = ", bf16" if flags & {"avx512_bf16", "amx_bf16"} else ""
+    text = f"{name}, {len(os.sched_getaffinity(0))} cores, {simd}{bf16}"
+    if _cuda_available():
+        import torch
+        text += f"; {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return text
+
+
 def get_profile(name: str | None = None) -> Profile:
     """The run profile: `name`, else $COOKBOOK_PROFILE, else "cpu" in CI or without CUDA, else "gpu"."""
     name = name or os.environ.get(PROFILE_ENV) or ("gpu" if _cuda_available() and not os.environ.get("CI") else "cpu")
@@ -148,7 +163,7 @@ def show_versions(*packages: str) -> None:
         except importlib.metadata.PackageNotFoundError:
             found[pkg] = "not installed"
     profile = get_profile()
-    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPU threads; "
+    print(f"python {platform.python_version()} on {machine()}; "
           f"profile {profile.name!r} (set ${PROFILE_ENV}=cpu|gpu to change)")
     for pkg, version in found.items():
         print(f"  {pkg:<14} {version}")
@@ -791,7 +806,7 @@ def record_result(notebook: str, technique: str, **metrics) -> pathlib.Path:
     fresh = path not in _RECORDED_THIS_RUN or not path.exists()
     data = {"notebook": notebook, "entries": {}} if fresh else json.loads(path.read_text())
     _RECORDED_THIS_RUN.add(path)
-    data["entries"][technique] = {"technique": technique, **metrics}
+    data["entries"][technique] = {"technique": technique, "machine": machine(), **metrics}
     data["profile"] = get_profile().name
     _write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path

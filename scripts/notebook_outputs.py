@@ -20,6 +20,9 @@ import sys
 
 import nbformat
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from cookbook import machine  # noqa: E402,F401  (stamped into each executed notebook)
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXECUTED = ROOT / "results" / "executed"
 # What a notebook's outputs depend on besides its own code cells: the helper it imports and the data generator.
@@ -33,16 +36,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def notebooks() -> list[pathlib.Path]:
     return sorted(ROOT.glob("Part_*/*.ipynb")) + sorted(ROOT.glob("Appendix/*.ipynb"))
-
-
-def machine() -> str:
-    """e.g. "AMD EPYC, 2 cores, avx2": the same notebook runs 2-3x slower on some CPUs of the same size."""
-    cpuinfo = pathlib.Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    simd = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
-    return f"{name}, {len(os.sched_getaffinity(0))} cores, {simd}"
 
 
 def code_digest(nb) -> str:
@@ -151,9 +144,10 @@ def adopt(executed: pathlib.Path = EXECUTED) -> list[str]:
         if run.metadata.get(STAMP, {}).get("code_digest") != code_digest(nb):
             print(f"skip   {target.relative_to(ROOT)}: its executed copy ran other code")
             continue
-        for cell, ran in zip(nb.cells, run.cells):
-            if cell.cell_type == "code":
-                cell.outputs, cell.execution_count = ran.outputs, ran.execution_count
+        # Same code digest, so the code cells pair up one to one; markdown may have been edited since the run.
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        for cell, ran in zip(code, [c for c in run.cells if c.cell_type == "code"]):
+            cell.outputs, cell.execution_count = ran.outputs, ran.execution_count
         nb.metadata[STAMP] = run.metadata[STAMP]
         _write(nb, target)
         adopted.append(str(target.relative_to(ROOT)))

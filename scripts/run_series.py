@@ -151,6 +151,34 @@ def _plots(rows: list[dict], folder: pathlib.Path) -> list[str]:
     return written
 
 
+README_BLOCK = ("<!-- results:start -->", "<!-- results:end -->")
+
+
+def headline_table(rows: list[dict]) -> str:
+    """The README's results table: every technique recorded with a held-out figure before and after it, on the
+    metric it trains for (preference rate for preference training, else the task's held-out score)."""
+    lines = ["| notebook | technique | task | held-out metric | before → after | wall time (s) | measured on |",
+             "|---|---|---|---|---|---:|---|"]
+    for r in rows:
+        metric = "preference_rate" if "preference_rate_before" in r else "score"
+        before, after = r.get(f"{metric}_before"), r.get(metric)
+        if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+            lines.append(f"| {r['notebook'].split('_')[0]} | {r['technique']} | {r.get('task', '')} | "
+                         f"{metric.replace('_', ' ')} | {before:.2f} → {after:.2f} | {_cell(r.get('wall_s'))} | "
+                         f"{r.get('machine', 'not recorded')} |")
+    return "\n".join(lines)
+
+
+def render_readme(rows: list[dict], readme: pathlib.Path = cb.ROOT / "README.md") -> bool:
+    """Rewrite the table between README_BLOCK's markers from the results; True when it changed."""
+    text = readme.read_text()
+    start, end = text.index(README_BLOCK[0]) + len(README_BLOCK[0]), text.index(README_BLOCK[1])
+    new = text[:start] + "\n" + headline_table(rows) + "\n" + text[end:]
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
 def write_report(status: dict, folder: pathlib.Path | None = None) -> pathlib.Path:
     """results/REPORT.md (and REPORT.html beside it): the notebooks' outcomes and wall times from `status`, a failed
     one named with its cell and error, and every technique the notebooks recorded in results/<profile>/."""
@@ -201,6 +229,7 @@ def main() -> int:
     status = json.loads(STATUS.read_text()) if STATUS.exists() else {}
     if args.report_only:
         print(f"report: {write_report(status)}")
+        print(f"README results table {'rewritten' if render_readme(cb.load_results()) else 'unchanged'}")
         return 0
 
     selected = notebooks(args.part, args.only)
@@ -223,6 +252,7 @@ def main() -> int:
         if not ok:
             failed.append(name)
     report = write_report(status)
+    render_readme(cb.load_results())
     print(f"report: {report}\nexecuted notebooks: {EXECUTED}")
     if failed:
         print(f"{len(failed)} notebook(s) failed: {', '.join(failed)}; rerun with --resume after fixing",

@@ -655,6 +655,16 @@ def test_run_dir_refuses_anything_but_a_plain_folder_name(tmp_path, monkeypatch)
     assert cb.run_dir("07_Reproducible_Finetuning_with_Axolotl").is_dir()
 
 
+def test_every_record_names_its_machine(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu avx avx2 avx512f amx_bf16\n")
+    assert cb.machine(str(cpuinfo)).startswith("Intel(R) Xeon(R) Platinum 8481C, ")
+    assert cb.machine(str(cpuinfo)).endswith(" cores, avx512f, bf16")
+    monkeypatch.setattr(cb, "RESULTS_DIR", tmp_path)
+    path = cb.record_result("01_sft", "lora", score=0.5)
+    assert json.loads(path.read_text())["entries"]["lora"]["machine"] == cb.machine()
+
+
 def test_a_notebook_run_drops_the_entries_an_older_run_recorded(tmp_path, monkeypatch):
     monkeypatch.setattr(cb, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(cb, "_RECORDED_THIS_RUN", set())

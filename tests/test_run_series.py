@@ -51,3 +51,24 @@ def test_report_without_results_lists_only_the_notebooks(tmp_path, monkeypatch):
     report = run_series.write_report({"Part_0/00.ipynb": {"ok": True, "wall_s": 88.7, "error": ""}}, tmp_path).read_text()
     assert "| `Part_0/00.ipynb` | ok | 89 |" in report
     assert "Techniques side by side" not in report and not list(tmp_path.glob("*.png"))
+
+
+def test_readme_figures_are_those_of_the_results():
+    rows = cb.load_results(cb.PROFILES["cpu"])
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(run_series.README_BLOCK[0], 1)[1].split(run_series.README_BLOCK[1], 1)[0].strip()
+    assert block == run_series.headline_table(rows), \
+        "README's results table differs from results/cpu/: rewrite it with `make run ARGS=--report-only`"
+
+
+def test_a_planted_wrong_figure_is_found(tmp_path, monkeypatch):
+    monkeypatch.setattr(cb, "RESULTS_DIR", tmp_path)
+    monkeypatch.setenv(cb.PROFILE_ENV, "cpu")
+    cb.record_result("01_SFT_with_TRL_and_LoRA", "LoRA SFT (TRL)", task="dates", wall_s=199.6, score_before=0.11,
+                     score=0.84)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{run_series.README_BLOCK[0]}\nold\n{run_series.README_BLOCK[1]}\nrest\n")
+    assert run_series.render_readme(cb.load_results(), readme) and not run_series.render_readme(cb.load_results(), readme)
+    assert "| 01 | LoRA SFT (TRL) | dates | score | 0.11 → 0.84 | 199.6 |" in readme.read_text()
+    readme.write_text(readme.read_text().replace("0.84 |", "0.89 |"))   # planted: a figure typed by hand
+    assert run_series.render_readme(cb.load_results(), readme), "a hand-edited figure must be rewritten"
