@@ -122,32 +122,41 @@ def _cell(value) -> str:
 
 
 def _plots(rows: list[dict], folder: pathlib.Path) -> list[str]:
-    """score vs training time, and size vs perplexity, from the recorded rows; returns the image file names."""
+    """Held-out score vs training time (training runs only: rows with trainable parameters, one panel per task, as
+    scores of different tasks are not comparable) and size vs perplexity; returns the image file names."""
     import matplotlib
     matplotlib.use("Agg")  # the report is written without a screen
     import matplotlib.pyplot as plt
-    charts = {"report_score_vs_time.png": ("wall_s", "score", "training wall time (s)", "held-out score",
-                                           "Held-out score vs training time"),
-              "report_size_vs_perplexity.png": ("size_mb", "perplexity", "size on disk (MiB)", "held-out perplexity",
-                                                "Size vs perplexity (Part 4 yardstick)")}
     written = []
-    for name, (x, y, xlabel, ylabel, title) in charts.items():
-        points = [r for r in rows if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))]
-        if not points:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for task in sorted({r.get("task", "") for r in points}):  # scores of different tasks are not comparable
-            same = [r for r in points if r.get("task", "") == task]
-            ax.scatter([r[x] for r in same], [r[y] for r in same], label=task)
-        for r in points:
-            ax.annotate(f"{r['notebook'].split('_')[0]} {r['technique']}"[:40], (r[x], r[y]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-        ax.legend(title="task", fontsize=7)
+    trained = [r for r in rows if isinstance(r.get("trainable_params"), (int, float)) and
+               isinstance(r.get("wall_s"), (int, float)) and isinstance(r.get("score"), (int, float))]
+    tasks = sorted({r.get("task", "") for r in trained})
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+        for ax, task in zip(axes.flat, tasks):
+            same = [r for r in trained if r.get("task", "") == task]
+            ax.scatter([r["wall_s"] for r in same], [r["score"] for r in same])
+            for r in same:
+                ax.annotate(f"{r['notebook'].split('_')[0]} {r['technique']}"[:28], (r["wall_s"], r["score"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set(title=task, xlabel="training wall time (s)", ylabel="held-out score", ylim=(-0.05, 1.05))
+        fig.suptitle("Held-out score vs training time, per task (training runs only)")
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
+        fig.savefig(folder / "report_score_vs_time.png", dpi=100)
         plt.close(fig)
-        written.append(name)
+        written.append("report_score_vs_time.png")
+    sized = [r for r in rows if isinstance(r.get("size_mb"), (int, float)) and isinstance(r.get("perplexity"), (int, float))]
+    if sized:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.scatter([r["size_mb"] for r in sized], [r["perplexity"] for r in sized])
+        for r in sized:
+            ax.annotate(f"{r['notebook'].split('_')[0]} {r['technique']}"[:32], (r["size_mb"], r["perplexity"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="size on disk (MiB)", ylabel="held-out perplexity", title="Size vs perplexity (Part 4 yardstick)")
+        fig.tight_layout()
+        fig.savefig(folder / "report_size_vs_perplexity.png", dpi=100)
+        plt.close(fig)
+        written.append("report_size_vs_perplexity.png")
     return written
 
 
@@ -179,24 +188,40 @@ def render_readme(rows: list[dict], readme: pathlib.Path = cb.ROOT / "README.md"
     return new != text
 
 
+def status_from_timings(path: pathlib.Path | None = None) -> dict:
+    """The notebooks' outcomes and wall times as the last test run recorded them (results/timings.json)."""
+    path = path or cb.RESULTS_DIR / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    return {name: {"ok": t["outcome"] == "passed", "wall_s": t["wall_s"], "error": t["outcome"],
+                   "run": f"make test, {t['measured_at']}, {t.get('machine', '?')}"} for name, t in timings.items()}
+
+
 def write_report(status: dict, folder: pathlib.Path | None = None) -> pathlib.Path:
     """results/REPORT.md (and REPORT.html beside it): the notebooks' outcomes and wall times from `status`, a failed
     one named with its cell and error, and every technique the notebooks recorded in results/<profile>/."""
     import mistune
     folder = folder or cb.RESULTS_DIR
     profile = cb.get_profile()
+    import subprocess
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cb.ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    rows = cb.load_results(profile)
+    machines = sorted({r.get("machine", "not recorded") for r in rows})
     lines = [f"# Series report ({profile.name} profile)", "",
              "Written by `make run` from `results/`. Every number below was measured by a notebook in this run "
-             "or an earlier one (see each notebook's executed copy in `results/executed/`).", "",
-             "## Notebooks", "", "Run by `make run` (wall time from kernel start to the last cell). Timings and peak memory of "
-             "the last test run: [`TIMINGS.md`](TIMINGS.md).", "",
+             "or an earlier one; each notebook's committed outputs show the run its figures come from.", "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit `{commit}`. "
+             f"Measured on: {'; '.join(machines) or 'nothing recorded yet'}.", "",
+             "## Notebooks", "", "Wall time from kernel start to the last cell, from "
+             f"{'; '.join(sorted({st.get('run', 'this make run') for st in status.values()})) or 'no run yet'}. "
+             "Timings and peak memory per machine: [`TIMINGS.md`](TIMINGS.md).", "",
              "| notebook | outcome | wall time (s) |", "|---|---|---:|"]
     for name, st in sorted(status.items()):
-        lines.append(f"| `{name}` | {'ok' if st['ok'] else 'FAILED at ' + st['error']} | {st['wall_s']:.0f} |")
+        lines.append(f"| [`{name}`](../{name}) | {'ok' if st['ok'] else 'FAILED at ' + st['error']} | "
+                     f"{st['wall_s']:.0f} |")
     failed = sum(not st["ok"] for st in status.values())
     lines.append(f"| **total** ({len(status)} notebooks, {failed} failed) | | "
                  f"**{sum(st['wall_s'] for st in status.values()):.0f}** |")
-    rows = cb.load_results(profile)
     if rows:
         keys = [k for k in REPORT_COLUMNS if any(r.get(k) not in (None, "") for r in rows)]
         lines += ["", "## Techniques side by side", "",
@@ -226,12 +251,12 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true", help="write the report from results/, run nothing")
     args = parser.parse_args()
 
-    status = json.loads(STATUS.read_text()) if STATUS.exists() else {}
-    if args.report_only:
-        print(f"report: {write_report(status)}")
+    if args.report_only:  # the notebooks as the last test run (the one that made their committed outputs) saw them
+        print(f"report: {write_report(status_from_timings())}")
         print(f"README results table {'rewritten' if render_readme(cb.load_results()) else 'unchanged'}")
         return 0
 
+    status = json.loads(STATUS.read_text()) if STATUS.exists() else {}
     selected = notebooks(args.part, args.only)
     if not selected:
         print(f"no notebook matches --part={args.part} --only={args.only}", file=sys.stderr)

@@ -13,6 +13,18 @@ NOTEBOOKS = no.notebooks()
 IDS = [str(p.relative_to(ROOT)) for p in NOTEBOOKS]
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_committed_outputs_come_from_a_run_of_the_current_code(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert "widgets" not in nb.metadata
+    found = no.problems(path)
+    prefix = path.name.split("_")[0]
+    assert not found, f"{path.relative_to(ROOT)}: {'; '.join(found)}. Refresh its outputs with " \
+                      f"`make outputs ARGS=\"--only {prefix}_\"` (or `make test`, then " \
+                      f"`python scripts/notebook_outputs.py adopt`) and commit the notebook."
+
+
 def stream(text, name="stdout"):
     return nbformat.v4.new_output("stream", name=name, text=text)
 

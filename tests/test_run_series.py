@@ -32,7 +32,7 @@ def test_report_tables_every_technique_names_the_failure_and_draws_the_plots(tmp
 
     report = run_series.write_report(status, tmp_path).read_text()
 
-    assert "| `Part_2/04.ipynb` | FAILED at cell 15: AssertionError: rate fell | 12 |" in report
+    assert "| [`Part_2/04.ipynb`](../Part_2/04.ipynb) | FAILED at cell 15: AssertionError: rate fell | 12 |" in report
     assert "**total** (2 notebooks, 1 failed) | | **326** |" in report
     header = next(line for line in report.splitlines() if line.startswith("| notebook | technique"))
     assert header.split(" | ")[2:] == ["task", "trainable params", "wall time (s)", "tokens/s", "score before",
@@ -49,7 +49,7 @@ def test_report_without_results_lists_only_the_notebooks(tmp_path, monkeypatch):
     monkeypatch.setattr(cb, "RESULTS_DIR", tmp_path)
     monkeypatch.setenv(cb.PROFILE_ENV, "cpu")
     report = run_series.write_report({"Part_0/00.ipynb": {"ok": True, "wall_s": 88.7, "error": ""}}, tmp_path).read_text()
-    assert "| `Part_0/00.ipynb` | ok | 89 |" in report
+    assert "| [`Part_0/00.ipynb`](../Part_0/00.ipynb) | ok | 89 |" in report
     assert "Techniques side by side" not in report and not list(tmp_path.glob("*.png"))
 
 
