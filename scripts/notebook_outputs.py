@@ -39,10 +39,11 @@ def notebooks() -> list[pathlib.Path]:
 
 
 def code_digest(nb) -> str:
-    """sha256 of the notebook's code cells (in order) and of SHARED_CODE: change any of them and the outputs are stale."""
+    """sha256 of the notebook's code cells that run (in order; cells marked NBVAL_SKIP, the Colab bootstrap, never run
+    here and make no output) and of SHARED_CODE: change any of them and the outputs are stale."""
     h = hashlib.sha256()
     for cell in nb.cells:
-        if cell.cell_type == "code":
+        if cell.cell_type == "code" and "NBVAL_SKIP" not in cell.source:
             h.update(cell.source.encode() + b"\0")
     for name in SHARED_CODE:
         h.update((ROOT / name).read_bytes())

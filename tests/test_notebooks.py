@@ -55,6 +55,8 @@ def bootstrap(path):
 def test_bootstrap_cell_is_identical_everywhere_and_skipped_by_nbval(path):
     assert bootstrap(path) == bootstrap(NOTEBOOKS[0]), "the Colab bootstrap cell must be the same in every notebook"
     assert bootstrap(path).startswith("# NBVAL_SKIP")
+    for needed in ('"-c", "/tmp/colab-keep.txt"', '"--no-deps", "-r", f"{REPO_DIR}/requirements-colab-nodeps.txt"'):
+        assert needed in bootstrap(path), f"the bootstrap must install with {needed}: Colab's torch/numpy/pillow stay"
     setup = code_sources(path)[1]
     assert "import cookbook as cb" in setup and "cb.show_versions(" in setup, "second code cell: setup + versions"
     assert setup.splitlines()[:6] == code_sources(NOTEBOOKS[0])[1].splitlines()[:6]
@@ -88,6 +90,7 @@ def pins(path):
 def test_colab_requirements_use_the_same_pins():
     main = {k.lower().replace("_", "-"): v for k, v in pins(ROOT / "requirements.txt").items()}
     colab = {k.lower().replace("_", "-"): v for k, v in pins(ROOT / "requirements-colab.txt").items()}
+    colab.update({k.lower().replace("_", "-"): v for k, v in pins(ROOT / "requirements-colab-nodeps.txt").items()})
     assert colab, "requirements-colab.txt pins nothing"
     assert "torch" not in colab, "Colab keeps its own CUDA torch"
     assert {k: v for k, v in colab.items() if main.get(k) != v} == {}, "Colab pins must equal requirements.txt"
