@@ -43,6 +43,14 @@ def _kernel_pid(item) -> int | None:
     return getattr(process, "pid", None)
 
 
+def pytest_runtest_setup(item):
+    # nbval waits 5 s (fixed) for the kernel's next output message after a cell's reply, then stops the kernel and
+    # marks every later cell xfail. A kernel that has just flushed a native library's stderr (llama.cpp's quantizer
+    # in 09) can take longer than that on a loaded 2-core machine.
+    if hasattr(item, "output_timeout"):
+        item.output_timeout = 60
+
+
 def pytest_runtest_teardown(item):
     notebook = _notebook_of(item.nodeid)
     pid = _kernel_pid(item) if notebook else None
