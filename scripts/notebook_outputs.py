@@ -21,7 +21,7 @@ import sys
 import nbformat
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from cookbook import machine  # noqa: E402,F401  (stamped into each executed notebook)
+from cookbook import _write_atomically, machine  # noqa: E402,F401  (machine: stamped into each executed notebook)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXECUTED = ROOT / "results" / "executed"
@@ -104,11 +104,9 @@ def stamp(nb, machine: str, run: str) -> None:
 
 
 def _write(nb, path: pathlib.Path) -> None:
-    """Atomic: a reader (or a kill mid-write) never leaves half a notebook."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    nbformat.write(nb, str(tmp))
-    tmp.replace(path)
+    """Atomic, as the helper writes results: a reader (or a kill mid-write) never leaves half a notebook."""
+    text = nbformat.writes(nb)
+    _write_atomically(path, text if text.endswith("\n") else text + "\n")
 
 
 def write_executed(nb, path: pathlib.Path) -> pathlib.Path:

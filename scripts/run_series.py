@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -37,7 +38,7 @@ REPORT_COLUMNS = {"notebook": "notebook", "technique": "technique", "task": "tas
 
 
 def notebooks(part: str | None, only: str | None) -> list[pathlib.Path]:
-    found = sorted(cb.ROOT.glob("Part_*/*.ipynb")) + sorted(cb.ROOT.glob("Appendix/*.ipynb"))
+    found = notebook_outputs.notebooks()
     if part is not None:
         found = [nb for nb in found if nb.parent.name.startswith(f"Part_{part}_")]
     if only:
@@ -121,6 +122,13 @@ def _cell(value) -> str:
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
+def _labelled_scatter(ax, rows: list[dict], x: str, y: str, label_chars: int) -> None:
+    ax.scatter([r[x] for r in rows], [r[y] for r in rows])
+    for r in rows:
+        ax.annotate(f"{r['notebook'].split('_')[0]} {r['technique']}"[:label_chars], (r[x], r[y]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+
+
 def _plots(rows: list[dict], folder: pathlib.Path) -> list[str]:
     """Held-out score vs training time (training runs only: rows with trainable parameters, one panel per task, as
     scores of different tasks are not comparable) and size vs perplexity; returns the image file names."""
@@ -134,11 +142,7 @@ def _plots(rows: list[dict], folder: pathlib.Path) -> list[str]:
     if tasks:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
         for ax, task in zip(axes.flat, tasks):
-            same = [r for r in trained if r.get("task", "") == task]
-            ax.scatter([r["wall_s"] for r in same], [r["score"] for r in same])
-            for r in same:
-                ax.annotate(f"{r['notebook'].split('_')[0]} {r['technique']}"[:28], (r["wall_s"], r["score"]),
-                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+            _labelled_scatter(ax, [r for r in trained if r.get("task", "") == task], "wall_s", "score", 28)
             ax.set(title=task, xlabel="training wall time (s)", ylabel="held-out score", ylim=(-0.05, 1.05))
         fig.suptitle("Held-out score vs training time, per task (training runs only)")
         fig.tight_layout()
@@ -148,10 +152,7 @@ def _plots(rows: list[dict], folder: pathlib.Path) -> list[str]:
     sized = [r for r in rows if isinstance(r.get("size_mb"), (int, float)) and isinstance(r.get("perplexity"), (int, float))]
     if sized:
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.scatter([r["size_mb"] for r in sized], [r["perplexity"] for r in sized])
-        for r in sized:
-            ax.annotate(f"{r['notebook'].split('_')[0]} {r['technique']}"[:32], (r["size_mb"], r["perplexity"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        _labelled_scatter(ax, sized, "size_mb", "perplexity", 32)
         ax.set(xlabel="size on disk (MiB)", ylabel="held-out perplexity", title="Size vs perplexity (Part 4 yardstick)")
         fig.tight_layout()
         fig.savefig(folder / "report_size_vs_perplexity.png", dpi=100)
@@ -178,8 +179,9 @@ def headline_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render_readme(rows: list[dict], readme: pathlib.Path = cb.ROOT / "README.md") -> bool:
+def render_readme(rows: list[dict], readme: pathlib.Path | None = None) -> bool:
     """Rewrite the table between README_BLOCK's markers from the results; True when it changed."""
+    readme = readme or cb.ROOT / "README.md"
     text = readme.read_text()
     start, end = text.index(README_BLOCK[0]) + len(README_BLOCK[0]), text.index(README_BLOCK[1])
     new = text[:start] + "\n" + headline_table(rows) + "\n" + text[end:]
@@ -202,7 +204,6 @@ def write_report(status: dict, folder: pathlib.Path | None = None) -> pathlib.Pa
     import mistune
     folder = folder or cb.RESULTS_DIR
     profile = cb.get_profile()
-    import subprocess
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cb.ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     rows = cb.load_results(profile)
